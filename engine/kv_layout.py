@@ -1,0 +1,83 @@
+"""The paged KV cache's layout: the one contract shared by the model runner, the attention backends and kv_transfer.
+
+One tensor per worker (per tensor-parallel rank) holds every layer's pages:
+
+    kv_cache: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]      (index 0 = K, 1 = V)
+
+`kv_cache[layer]` is that layer's `[2, num_blocks, block_size, num_kv_heads, head_dim]` view, and one *page* is
+`kv_cache[layer, :, block_id]`: K and V of `block_size` consecutive token positions. Token position `p` of a
+sequence lives in block `block_table[p // block_size]` at offset `p % block_size`; the flat *slot* of that
+position is `block_table[p // block_size] * block_size + p % block_size`.
+
+Under tensor parallelism each rank holds `num_kv_heads / tp` heads (or all of them, replicated, when there are
+fewer KV heads than ranks); `KVLayout.kv_head_range(rank)` says which global heads a rank holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class KVLayout:
+    num_layers: int
+    num_blocks: int
+    block_size: int
+    num_kv_heads: int          # heads held by this rank
+    head_dim: int
+    dtype: torch.dtype
+    total_kv_heads: int = 0    # heads of the model (0 = same as num_kv_heads)
+    tp_rank: int = 0
+    tp_size: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_blocks", "block_size", "num_kv_heads", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"KVLayout.{name} must be positive, got {getattr(self, name)}")
+        if self.total_kv_heads == 0:
+            object.__setattr__(self, "total_kv_heads", self.num_kv_heads)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.num_layers, 2, self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+
+    @property
+    def page_numel(self) -> int:
+        """Elements of one layer's K+V for one block."""
+        return 2 * self.block_size * self.num_kv_heads * self.head_dim
+
+    @property
+    def page_bytes(self) -> int:
+        return self.page_numel * torch.empty((), dtype=self.dtype).element_size()
+
+    def kv_head_range(self, rank: int | None = None) -> range:
+        """Global KV-head indices held by `rank` (replicated when heads < ranks)."""
+        rank = self.tp_rank if rank is None else rank
+        return kv_head_range(self.total_kv_heads, self.tp_size, rank)
+
+    def allocate(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        return torch.zeros(self.shape, dtype=self.dtype, device=device)
+
+
+def kv_head_range(total_kv_heads: int, tp_size: int, rank: int) -> range:
+    if total_kv_heads >= tp_size:
+        if total_kv_heads % tp_size:
+            raise ValueError(f"num_kv_heads={total_kv_heads} is not divisible by tp={tp_size}")
+        per = total_kv_heads // tp_size
+        return range(rank * per, (rank + 1) * per)
+    if tp_size % total_kv_heads:
+        raise ValueError(f"tp={tp_size} is not a multiple of num_kv_heads={total_kv_heads}")
+    head = rank // (tp_size // total_kv_heads)
+    return range(head, head + 1)
+
+
+def slot_of(block_table: list[int], position: int, block_size: int) -> int:
+    return block_table[position // block_size] * block_size + position % block_size
+
+
+def fingerprint(*parts: object) -> str:
+    """A short stable digest of what makes KV interchangeable (model, dtype, layout, layer-parallel range)."""
+    return hashlib.blake2b("|".join(map(str, parts)).encode(), digest_size=8).hexdigest()

@@ -1,0 +1,170 @@
+"""The engine: tokenizer + scheduler + model runner, stepped by a caller (the CLI, a worker's loop, a test).
+
+    engine.add_request(...)  ->  engine.step() -> [RequestOutput, ...]  (repeat while engine.has_unfinished)
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .block_manager import BlockManager
+from .config import EngineConfig
+from .loader.resolve import prepare_model
+from .model_runner import ModelRunner
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler, SchedulerConfig
+from .sequence import Sequence
+from .tokenizer import Detokenizer, Tokenizer
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    text: str                         # the text delta of this step
+    finished: bool = False
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+
+
+@dataclass(slots=True)
+class Completion:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    num_cached_tokens: int = 0
+    seed: int | None = None
+    metrics: dict = field(default_factory=dict)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, model_transform=None) -> None:
+        self.config = config
+        started = time.perf_counter()
+        model_dir = prepare_model(config.model, config.cache_dir, verbose=config.verbose)
+        self.model_dir = model_dir
+        self.tokenizer = Tokenizer(model_dir)
+        self.runner = ModelRunner(config, model_dir, model_transform=model_transform)
+        self.model_config = self.runner.model_config
+        salt = int(self.runner.fingerprint, 16) & (2**63 - 1)
+        self.block_manager = BlockManager(self.runner.layout.num_blocks, config.block_size, salt=salt)
+        eos = set(self.model_config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.scheduler = Scheduler(
+            SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+                            max_model_len=self.runner.max_model_len, eos_token_ids=tuple(sorted(eos))),
+            self.block_manager)
+        self._seqs: dict[str, Sequence] = {}
+        self._detok: dict[str, Detokenizer] = {}
+        self._seeds: dict[str, int] = {}
+        self.load_seconds = time.perf_counter() - started
+
+    # ---- requests -------------------------------------------------------------------------------------
+    @property
+    def max_model_len(self) -> int:
+        return self.runner.max_model_len
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    committed_token_ids: list[int] = ()) -> Sequence:
+        """Queue a request. `committed_token_ids` resumes one that already produced those tokens elsewhere."""
+        if not prompt_token_ids:
+            raise ValueError("prompt is empty: send at least one token")
+        if request_id in self._seqs:
+            raise ValueError(f"request_id {request_id!r} is already running")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        seq = Sequence(request_id, list(prompt_token_ids) + list(committed_token_ids), params,
+                       num_prompt_tokens=len(prompt_token_ids))
+        self.scheduler.add(seq)
+        self._seqs[request_id] = seq
+        self._seeds[request_id] = params.seed if params.seed is not None else random.getrandbits(63)
+        detok = Detokenizer(self.tokenizer, params.stop)
+        detok.push(list(committed_token_ids))
+        detok.emitted = len(detok.text)
+        self._detok[request_id] = detok
+        return seq
+
+    def seed_of(self, request_id: str) -> int:
+        return self._seeds[request_id]
+
+    def abort(self, request_id: str) -> bool:
+        seq = self.scheduler.abort(request_id)
+        if seq is not None:
+            self._forget(request_id)
+        return seq is not None
+
+    def _forget(self, request_id: str) -> None:
+        self._seqs.pop(request_id, None)
+        self._detok.pop(request_id, None)
+        self._seeds.pop(request_id, None)
+
+    # ---- stepping -------------------------------------------------------------------------------------
+    def step(self, on_layer_done: Callable[[int], None] | None = None) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        now = time.monotonic()
+        for seq in batch.seqs:
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
+        seeds = [self._seeds[s.request_id] for s in batch.seqs]
+        sampled = self.runner.execute(batch, seeds, on_layer_done)
+        self.scheduler.postprocess(batch, sampled)
+        outputs = []
+        for seq, token in zip(batch.seqs, sampled):
+            if token is None:
+                continue
+            detok = self._detok[seq.request_id]
+            text = detok.push([token])
+            if detok.stopped and not seq.is_finished:
+                self.scheduler.finish(seq, "stop")
+            if seq.is_finished:
+                text += detok.flush()
+            outputs.append(RequestOutput(seq.request_id, [token], text, seq.is_finished, seq.finish_reason,
+                                         seq.num_prompt_tokens, seq.num_output_tokens, seq.num_cached_tokens))
+            if seq.is_finished:
+                self._forget(seq.request_id)
+        return outputs
+
+    # ---- convenience ----------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str, chat: bool = False) -> list[int]:
+        if not prompt:
+            raise ValueError("prompt is empty: send a non-empty string")
+        if chat:
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        return self.tokenizer.encode(prompt)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Completion]:
+        """Run `prompts` to completion together (continuous batching) and return them in order."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"gen-{i}-{random.getrandbits(32):08x}" for i in range(len(prompts))]
+        results = {rid: Completion(rid, list(p), [], "", None) for rid, p in zip(ids, prompts)}
+        try:
+            for rid, prompt, p in zip(ids, prompts, params_list):
+                seq = self.add_request(rid, prompt, p)
+                results[rid].seed = self._seeds[rid]
+            while self.has_unfinished:
+                for out in self.step():
+                    c = results[out.request_id]
+                    c.token_ids += out.new_token_ids
+                    c.text += out.text
+                    if out.finished:
+                        c.finish_reason, c.num_cached_tokens = out.finish_reason, out.num_cached_tokens
+        finally:
+            for rid in ids:
+                if rid in self._seqs:
+                    self.abort(rid)
+        return [results[rid] for rid in ids]

@@ -1,0 +1,133 @@
+"""A Llama-family decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU) over a paged KV cache.
+
+The model knows nothing of tensor parallelism, KV transfer or scheduling: it reads a `ForwardContext`
+(the KV cache, the batch's attention metadata and backend) and calls `ctx.on_layer_done(i)` after layer i's KV
+is stored, which is where layer-wise KV streaming hooks in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from ..attention.backend import AttentionBackend
+from ..attention.metadata import AttentionMetadata
+from ..model_config import ModelConfig
+from .layers import RMSNorm, RotaryEmbedding, SwiGLU
+
+
+@dataclass(slots=True)
+class ForwardContext:
+    kv_cache: torch.Tensor                     # [num_layers, 2, blocks, block_size, kv_heads, head_dim]
+    meta: AttentionMetadata
+    backend: AttentionBackend
+    on_layer_done: Callable[[int], None] | None = None
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.scale = cfg.head_dim ** -0.5
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
+                kv_layer: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        q, k = rotary(positions, q, k)
+        ctx.backend.store_kv(k, v, kv_layer, ctx.meta.slot_mapping)
+        o = ctx.backend.paged_attention(q.contiguous(), kv_layer, ctx.meta, self.scale)
+        return self.o_proj(o.reshape(-1, q_size))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
+                kv_layer: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, kv_layer, ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        # which KV-cache layer each module in self.layers writes; layer-parallel pairs rewrite this
+        self.kv_layer_ids: list = list(range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """Returns final hidden states [T, hidden]; `compute_logits` turns the rows you need into logits."""
+        x = self.embed_tokens(input_ids)
+        for layer, kv_id in zip(self.layers, self.kv_layer_ids):
+            x = layer(x, positions, self.rotary, ctx.kv_cache[kv_id] if isinstance(kv_id, int) else
+                      ctx.kv_cache[kv_id[0]:kv_id[-1] + 1], ctx)
+            if ctx.on_layer_done is not None:
+                for done in (kv_id,) if isinstance(kv_id, int) else kv_id:
+                    ctx.on_layer_done(done)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Take HF-named tensors; q/k/v and gate/up are packed into their fused projections."""
+        params = dict(self.named_parameters())
+        packed = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+                  "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+        seen: set[str] = set()
+        for name, tensor in weights:
+            name = name.removeprefix("model.")
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue
+            if "rotary_emb" in name:
+                continue
+            leaf = name.split(".")[-2]
+            if leaf in packed:
+                fused, shard = packed[leaf]
+                target = name.replace(leaf, fused)
+                self._load_shard(params[target], tensor, fused, shard)
+            else:
+                target = name
+                if target not in params:
+                    raise ValueError(f"unexpected weight {name!r} for a Llama model")
+                params[target].data.copy_(tensor)
+            seen.add(target)
+        if self.config.tie_word_embeddings:      # re-tie: moving a meta-built model to a device unties it
+            self.lm_head.weight = self.embed_tokens.weight
+        missing = set(params) - seen - ({"lm_head.weight"} if self.config.tie_word_embeddings else set())
+        if missing:
+            raise ValueError(f"weights missing from the checkpoint: {sorted(missing)[:5]}")
+
+    def _load_shard(self, param: nn.Parameter, tensor: torch.Tensor, fused: str, shard: int) -> None:
+        cfg = self.config
+        if fused == "qkv_proj":
+            sizes = [cfg.num_attention_heads * cfg.head_dim] + [cfg.num_key_value_heads * cfg.head_dim] * 2
+        else:
+            sizes = [cfg.intermediate_size] * 2
+        start = sum(sizes[:shard])
+        if tensor.shape[0] != sizes[shard]:
+            raise ValueError(f"{fused} shard {shard} has {tensor.shape[0]} rows, expected {sizes[shard]}")
+        param.data[start:start + sizes[shard]].copy_(tensor)

@@ -1,0 +1,163 @@
+"""The step scheduler: continuous batching with chunked prefill, plain Python.
+
+    add() ──> waiting ──schedule()──> running ──postprocess()──> finished
+                 ^                       │
+                 └──── preempt (blocks ran out: free them, recompute later) ┘
+
+Each step has a token budget. Running sequences go first (decodes take 1 token, unfinished prefills take the next
+chunk), so decoding never stalls behind a long prompt; then waiting sequences are admitted, their prompts cut into
+chunks that fit what is left of the budget. When a running sequence needs a block and none is free, the most
+recently admitted sequence is preempted: its blocks are freed and it goes back to the front of the queue, to be
+recomputed (its prefix cache entries usually make that cheap).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .block_manager import BlockManager
+from .sequence import Sequence, SequenceStatus
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 1024
+    max_model_len: int = 8192
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def samples(self, i: int) -> bool:
+        """Whether sequence i's chunk reaches the end of its tokens, so the step samples a token for it."""
+        seq = self.seqs[i]
+        return seq.num_computed_tokens + self.num_new_tokens[i] == seq.num_tokens
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.blocks = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    # ---- queue ----------------------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        self.check_fits(seq.num_tokens, seq.params.max_tokens - seq.num_output_tokens)
+        self.waiting.append(seq)
+
+    def check_fits(self, num_tokens: int, max_new_tokens: int) -> None:
+        limit = self.config.max_model_len
+        if num_tokens >= limit:
+            raise ValueError(f"prompt has {num_tokens} tokens; the context is {limit} tokens (prompt must be shorter)")
+        if num_tokens + max_new_tokens > limit:
+            raise ValueError(f"max_tokens={max_new_tokens} with a {num_tokens}-token prompt exceeds the "
+                             f"{limit}-token context; lower max_tokens to at most {limit - num_tokens}")
+        if self.blocks.blocks_needed(num_tokens + max_new_tokens) > self.blocks.num_blocks:
+            raise ValueError(f"prompt + max_tokens needs more KV blocks than this worker has "
+                             f"({self.blocks.num_blocks} blocks of {self.blocks.block_size} tokens)")
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        for seq in list(self.running) + list(self.waiting):
+            if seq.request_id == request_id:
+                self.finish(seq, "abort")
+                return seq
+        return None
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq)
+        seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+
+    # ---- one step -------------------------------------------------------------------------------------
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.config.max_num_batched_tokens
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed_tokens, budget)
+            while not self.blocks.allocate(seq, n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            else:
+                batch.seqs.append(seq)
+                batch.num_new_tokens.append(n)
+                budget -= n
+                i += 1
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.block_table:
+                self.blocks.match_prefix(seq)
+            n = min(seq.num_uncomputed_tokens, budget)
+            if not self.blocks.allocate(seq, n):
+                self.blocks.free(seq)
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(n)
+            budget -= n
+        return batch
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.blocks.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def postprocess(self, batch: ScheduledBatch, sampled: list[int | None]) -> list[Sequence]:
+        """Advance each sequence by its chunk, append sampled tokens, finish what hit a stop. Returns finished."""
+        finished = []
+        for seq, n, token in zip(batch.seqs, batch.num_new_tokens, sampled):
+            if seq.is_finished:           # aborted while the step ran
+                continue
+            seq.num_computed_tokens += n
+            self.blocks.commit(seq)
+            if token is None:
+                continue
+            seq.token_ids.append(token)
+            reason = self.stop_reason(seq, token)
+            if reason:
+                self.finish(seq, reason)
+                finished.append(seq)
+        return finished
+
+    def stop_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if (not p.ignore_eos and token in self.config.eos_token_ids) or token in p.stop_token_ids:
+            return "stop"
+        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.config.max_model_len:
+            return "length"
+        return None
