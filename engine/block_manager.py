@@ -129,6 +129,13 @@ class BlockManager:
             if block.ref_count == 0:
                 self._free[block_id] = None
 
+    def pin_blocks(self, block_ids) -> None:
+        """Take one more reference on each block (a KV sender keeps its pages until the receiver confirms)."""
+        for block_id in block_ids:
+            if self.blocks[block_id].ref_count <= 0:
+                raise RuntimeError(f"block {block_id} is free; only blocks in use can be pinned")
+            self._acquire(block_id)
+
     def _acquire(self, block_id: int) -> None:
         block = self.blocks[block_id]
         if block.ref_count == 0:

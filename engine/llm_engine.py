@@ -15,7 +15,7 @@ from .config import EngineConfig
 from .loader.resolve import prepare_model
 from .model_runner import ModelRunner
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler, SchedulerConfig
+from .scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from .sequence import Sequence
 from .tokenizer import Detokenizer, Tokenizer
 
@@ -45,7 +45,7 @@ class Completion:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, model_transform=None) -> None:
+    def __init__(self, config: EngineConfig, model_transform=None, reserve_full_prompt: bool = False) -> None:
         self.config = config
         started = time.perf_counter()
         model_dir = prepare_model(config.model, config.cache_dir, verbose=config.verbose)
@@ -60,7 +60,8 @@ class LLMEngine:
             eos.add(self.tokenizer.eos_token_id)
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-                            max_model_len=self.runner.max_model_len, eos_token_ids=tuple(sorted(eos))),
+                            max_model_len=self.runner.max_model_len, eos_token_ids=tuple(sorted(eos)),
+                            reserve_full_prompt=reserve_full_prompt),
             self.block_manager)
         self._seqs: dict[str, Sequence] = {}
         self._detok: dict[str, Detokenizer] = {}
@@ -97,6 +98,23 @@ class LLMEngine:
         self._detok[request_id] = detok
         return seq
 
+    def add_prefilled(self, request_id: str, token_ids: list[int], num_prompt_tokens: int, params: SamplingParams,
+                      seed: int, seq: Sequence, next_token: int) -> None:
+        """Admit a request whose KV for `token_ids` already sits in `seq.block_table` (transferred or migrated);
+        `next_token` was sampled by the worker that computed it. Decoding continues from here."""
+        seq.token_ids = list(token_ids) + [next_token]
+        seq.num_prompt_tokens = num_prompt_tokens
+        seq.params = params
+        seq.num_computed_tokens = len(token_ids)
+        self.block_manager.commit(seq)
+        self.scheduler.admit_running(seq)
+        self._seqs[request_id] = seq
+        self._seeds[request_id] = seed
+        detok = Detokenizer(self.tokenizer, params.stop)
+        detok.push(seq.token_ids[num_prompt_tokens:])
+        detok.emitted = len(detok.text)
+        self._detok[request_id] = detok
+
     def seed_of(self, request_id: str) -> int:
         return self._seeds[request_id]
 
@@ -112,10 +130,13 @@ class LLMEngine:
         self._seeds.pop(request_id, None)
 
     # ---- stepping -------------------------------------------------------------------------------------
-    def step(self, on_layer_done: Callable[[int], None] | None = None) -> list[RequestOutput]:
+    def step(self, on_layer_done: Callable[[int], None] | None = None,
+             before_execute: Callable[[ScheduledBatch], None] | None = None) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
+        if before_execute is not None:
+            before_execute(batch)
         now = time.monotonic()
         for seq in batch.seqs:
             if seq.first_scheduled_time is None:

@@ -17,6 +17,7 @@ from .kv_layout import KVLayout, fingerprint
 from .loader.progress import Progress
 from .loader.weights import iter_safetensors
 from .model_config import ModelConfig
+from .models.layers import can_pack_linears, pack_linears
 from .models.llama import ForwardContext, LlamaForCausalLM
 from .sampler import SampleRequest, sample
 from .scheduler import ScheduledBatch
@@ -32,6 +33,8 @@ class ModelRunner:
         self.model = self._load_model(model_dir)
         if model_transform is not None:          # tensor parallelism / layer-parallel pairs rewrite the model here
             self.model = model_transform(self.model)
+        if can_pack_linears(self.device, self.dtype):   # last: packed weights are opaque to transforms
+            pack_linears(self.model)
         self.layout = self._kv_layout()
         self.kv_cache = self.layout.allocate(self.device)
         self.backend = get_attention_backend(config.attention_backend, self.device)
@@ -103,7 +106,8 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[last[rows]])
         requests = [SampleRequest(batch.seqs[i].params, seeds[i], batch.seqs[i].num_tokens,
                                   batch.seqs[i].token_ids) for i in rows]
-        tokens = sample(logits, requests)
+        greedy = all(r.params.greedy and r.params.repetition_penalty == 1.0 for r in requests)
+        tokens = greedy_tokens(logits) if greedy else sample(logits, requests)
         out: list[int | None] = [None] * len(batch)
         for i, tok in zip(rows, tokens):
             out[i] = tok
@@ -115,6 +119,19 @@ class ModelRunner:
         input_ids, positions, meta = self.prepare(batch)
         hidden = self.model(input_ids, positions, ForwardContext(self.kv_cache, meta, self.backend))
         return self.model.compute_logits(hidden)
+
+
+def greedy_tokens(logits: torch.Tensor, chunk: int = 1024) -> list[int]:
+    """logits.argmax(-1), first maximum on ties, ~4x faster on CPU: torch's argmax tracks an index per element
+    (15 ms for 128 x 49152 on one core), amax does not. Find each row's first chunk holding its maximum with
+    amax, then argmax within that chunk only."""
+    rows, vocab = logits.shape
+    if vocab % chunk or logits.device.type != "cpu":
+        return logits.argmax(dim=-1).tolist()
+    chunks = logits.view(rows, vocab // chunk, chunk)
+    best = chunks.amax(dim=-1).argmax(dim=-1)                                   # [rows] chunk index
+    within = chunks[torch.arange(rows, device=logits.device), best].argmax(dim=-1)
+    return (best * chunk + within).tolist()
 
 
 def _count_weights(model_dir: Path):

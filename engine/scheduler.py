@@ -26,6 +26,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 1024
     max_model_len: int = 8192
     eos_token_ids: tuple[int, ...] = ()
+    reserve_full_prompt: bool = False   # prefill workers: a sequence's blocks exist from admission (KV streaming)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
@@ -119,7 +120,8 @@ class Scheduler:
             if not seq.block_table:
                 self.blocks.match_prefix(seq)
             n = min(seq.num_uncomputed_tokens, budget)
-            if not self.blocks.allocate(seq, n):
+            reserve = seq.num_uncomputed_tokens if self.config.reserve_full_prompt else n
+            if not self.blocks.allocate(seq, reserve):
                 self.blocks.free(seq)
                 break
             self.waiting.popleft()
@@ -129,6 +131,12 @@ class Scheduler:
             batch.num_new_tokens.append(n)
             budget -= n
         return batch
+
+    def admit_running(self, seq: Sequence) -> None:
+        """A sequence whose KV arrived from elsewhere joins the running batch directly."""
+        self.check_fits(seq.num_tokens, seq.params.max_tokens - seq.num_output_tokens)
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
 
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.free(seq)

@@ -8,9 +8,12 @@ cached positions 0..p (causal). Decode is the case query_len == 1.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -22,6 +25,15 @@ class AttentionMetadata:
     block_tables: torch.Tensor      # int32 [B, max_blocks], padded with 0 (never read past context_lens)
     slot_mapping: torch.Tensor      # int64 [num_tokens], where each new token's K/V is stored
     block_size: int
+    # what a backend derives from the fields above once per step and reuses in every layer (see `per_step`)
+    step_cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def per_step(self, key: str, build: Callable[[], T]) -> T:
+        """`build()` on the first call with `key` for this batch, the cached value afterwards: a backend's index
+        and mask tensors are the same for every layer of a step."""
+        if key not in self.step_cache:
+            self.step_cache[key] = build()
+        return self.step_cache[key]
 
     @property
     def num_seqs(self) -> int:
@@ -29,7 +41,7 @@ class AttentionMetadata:
 
     @property
     def is_decode_only(self) -> bool:
-        return all(q == 1 for q in self.query_lens)
+        return self.per_step("is_decode_only", lambda: all(q == 1 for q in self.query_lens))
 
     @classmethod
     def build(cls, query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],

@@ -48,16 +48,37 @@ def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMeta
 
 
 def _decode(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """All sequences have one new token: one batched, masked attention over their gathered pages."""
-    bsz = meta.num_seqs
-    block_size = kv_layer.shape[2]
-    max_len = max(meta.context_lens)
-    nblocks = (max_len + block_size - 1) // block_size
-    tables = meta.block_tables[:, :nblocks].long()
-    pages = kv_layer[:, tables]                                   # [2, B, n, bs, Hkv, D]
-    pages = pages.flatten(2, 3)[:, :, :max_len].transpose(2, 3)   # [2, B, Hkv, L, D]
-    k, v = pages[0].to(q.dtype), pages[1].to(q.dtype)
-    mask = torch.arange(max_len, device=q.device).unsqueeze(0) < meta.context_lens_t.unsqueeze(1)
-    o = F.scaled_dot_product_attention(
-        q.view(bsz, -1, 1, q.shape[-1]), k, v, attn_mask=mask.view(bsz, 1, 1, max_len), scale=scale, enable_gqa=True)
-    return o.view(bsz, -1, q.shape[-1])
+    """All sequences have one new token: one batched, masked attention over their gathered pages.
+
+    What is the same in every layer is built once per step (`_DecodePlan`). Per layer there is one index_select
+    that copies the batch's K and V pages into a buffer reused by every layer (fresh buffers of tens of MB are
+    page-faulted in on each use), and one SDPA call in which each KV head's query heads form the query length
+    ([B, Hkv, q_per_kv, D]), so K and V are read once per KV head instead of being repeated for each query head.
+    """
+    plan = meta.per_step(f"torch_decode:{q.dtype}", lambda: _DecodePlan(meta, kv_layer, q.dtype))
+    kv_heads, head_dim = kv_layer.shape[-2:]
+    pages = torch.index_select(kv_layer, 1, plan.block_ids, out=plan.pages)
+    k, v = pages.view(2, meta.num_seqs, -1, kv_heads, head_dim).transpose(2, 3).to(q.dtype)   # [B, Hkv, L, D]
+    o = F.scaled_dot_product_attention(q.unflatten(1, (kv_heads, -1)), k, v, attn_mask=plan.bias, scale=scale)
+    return o.reshape(meta.num_seqs, -1, head_dim)
+
+
+class _DecodePlan:
+    """A decode step's gather indices, mask and page buffer, shared by all layers.
+
+    block_ids: flat ids [B * n] of every sequence's first n blocks (n covers the longest context);
+    bias: additive mask [B, 1, 1, n * block_size], -inf past each sequence's context;
+    pages: the [2, B * n, block_size, Hkv, D] buffer the pages are gathered into.
+    """
+
+    __slots__ = ("block_ids", "bias", "pages")
+
+    def __init__(self, meta: AttentionMetadata, kv_layer: torch.Tensor, dtype: torch.dtype) -> None:
+        block_size, device = kv_layer.shape[2], kv_layer.device
+        nblocks = (max(meta.context_lens) + block_size - 1) // block_size
+        self.block_ids = meta.block_tables[:, :nblocks].reshape(-1).long()
+        positions = torch.arange(nblocks * block_size, device=device)
+        hidden = positions.unsqueeze(0) >= meta.context_lens_t.unsqueeze(1)
+        bias = torch.zeros(hidden.shape, dtype=dtype, device=device).masked_fill_(hidden, float("-inf"))
+        self.bias = bias.view(meta.num_seqs, 1, 1, -1)
+        self.pages = kv_layer.new_empty((2, self.block_ids.numel(), *kv_layer.shape[2:]))

@@ -1,4 +1,4 @@
-"""Building blocks of a Llama-family decoder: RMSNorm, rotary embedding, SwiGLU."""
+"""Building blocks of a Llama-family decoder: RMSNorm, rotary embedding, SwiGLU, and pre-packed CPU linears."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # float32 statistics, as HF computes them, so float32 logits match and bfloat16 stays stable
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # float32 statistics and the same two roundings as HF (normalize, cast, then scale); F.rms_norm is one
+        # fused op, bit-identical to HF's x * rsqrt(mean(x^2) + eps)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -28,6 +28,7 @@ class RotaryEmbedding(nn.Module):
         self.head_dim, self.max_positions, self.theta = head_dim, max_positions, theta
         self.register_buffer("cos", torch.empty(max_positions, head_dim), persistent=False)
         self.register_buffer("sin", torch.empty(max_positions, head_dim), persistent=False)
+        self._step: tuple | None = None     # (positions, dtype, cos, signed sin) of the step being run
         if self.cos.device.type != "meta":
             self.build_tables()
 
@@ -40,17 +41,31 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos = emb.cos()
         self.sin = emb.sin()
+        self._step = None
+
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sign-folded sin rows of `positions`, [T, 1, D]: looked up once per step, not once per layer
+        (every layer receives the same `positions` tensor object)."""
+        step = self._step
+        if step is None or step[0] is not positions or step[1] != dtype:
+            half = self.head_dim // 2
+            cos = self.cos[positions].unsqueeze(1).to(dtype)
+            sin = self.sin[positions].unsqueeze(1).to(dtype)
+            sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)   # rotate_half's minus sign, folded in
+            step = self._step = (positions, dtype, cos, sin)
+        return step[2], step[3]
+
+    def rotate(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, heads, D] (q and k heads may be concatenated: one pass for both).
+
+        x * cos + rotate_half(x) * sin, with rotate_half(x) * sin == swap_halves(x) * signed_sin bit for bit."""
+        cos, signed_sin = self.tables(positions, x.dtype)
+        swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
+        return x * cos + swapped * signed_sin
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, H, D], k: [T, Hkv, D]."""
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return self.rotate(positions, q), self.rotate(positions, k)
 
 
 class SwiGLU(nn.Module):
@@ -65,3 +80,43 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate) * up)
+
+
+# ---- pre-packed linears (CPU, bfloat16) ------------------------------------------------------------------------
+class PackedLinear(nn.Module):
+    """A bias-free linear whose weight was reordered once into oneDNN's blocked (AMX) layout.
+
+    F.linear on a plain [out, in] bfloat16 weight pays for that reorder on every call; packed, the decode
+    matmuls run ~1.4x faster at every batch size, with the same results (same oneDNN kernels). The packed
+    tensor is opaque (no state_dict, no .to()), so this is done last, when the model is ready to serve.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed=oneDNN"
+
+
+def can_pack_linears(device: torch.device, dtype: torch.dtype) -> bool:
+    """Packing pays off for bfloat16 on CPUs with native bf16 (AMX / AVX512-BF16). float32 keeps F.linear:
+    oneDNN's float32 kernels round differently from MKL's, and float32 is the dtype that must match HF exactly."""
+    return (device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Replace every plain bias-free nn.Linear in `model` by a PackedLinear; returns how many were replaced.
+    Subclasses (e.g. tensor-parallel linears) are left alone."""
+    count = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear and child.bias is None:
+                setattr(module, name, PackedLinear(child))
+                count += 1
+    return count

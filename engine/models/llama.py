@@ -39,15 +39,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
                 kv_layer: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = rotary(positions, q, k)
+        q_heads, qk_heads = self.num_heads, self.num_heads + self.num_kv_heads
+        qkv = self.qkv_proj(x).view(-1, qk_heads + self.num_kv_heads, self.head_dim)
+        qk = rotary.rotate(positions, qkv[:, :qk_heads])       # q and k heads rotated in one pass
+        q, k, v = qk[:, :q_heads], qk[:, q_heads:], qkv[:, qk_heads:]
         ctx.backend.store_kv(k, v, kv_layer, ctx.meta.slot_mapping)
         o = ctx.backend.paged_attention(q.contiguous(), kv_layer, ctx.meta, self.scale)
-        return self.o_proj(o.reshape(-1, q_size))
+        return self.o_proj(o.reshape(-1, q_heads * self.head_dim))
 
 
 class DecoderLayer(nn.Module):

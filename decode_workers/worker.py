@@ -1,0 +1,117 @@
+"""The decode worker: admits requests whose KV has arrived and decodes them in one continuous batch.
+
+    expect(req, spec) ──> receiver allocates blocks (prefix hits skipped) ──> BOOTSTRAPPING/TRANSFERRING
+    begin_decode(rid, tok) ─┐                                                        │ poll() each step
+                             └──────── KV DONE + first token known ──> admit ──> running batch ──> step()
+    submit_local(req) ──> waiting queue (short or fully cached prompts: prefilled here) ──────────┘
+    every step: one list of TokenUpdate for all requests ──> outbox ──> router's poll_outputs()
+    receiver FAILED ──> TokenUpdate(error=...) ──> the router re-places the request
+
+Plain Python: the Ray actor in `actor.py` only forwards calls to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+from splitserve.engine.config import EngineConfig
+from splitserve.engine.llm_engine import LLMEngine
+from splitserve.engine.sequence import Sequence
+from splitserve.kv_transfer import KVReceiver, KVTransferConfig, TransferSpec, TransferStatus, create_backend
+from splitserve.kv_transfer.engine_pool import EngineBlockPool
+from splitserve.step_loop import StepLoop
+from splitserve.work import TokenUpdate, WorkerLoad, WorkRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Incoming:
+    request: WorkRequest
+    seq: Sequence                # holds the prefix-cache blocks matched at expect()
+    receiver: KVReceiver
+    first_token: int | None = None
+
+
+class DecodeWorker(StepLoop):
+    role = "decode"
+
+    def __init__(self, worker_id: str, engine_config: EngineConfig, kv_config: KVTransferConfig,
+                 engine: LLMEngine | None = None) -> None:
+        super().__init__(worker_id)
+        self.worker_id = worker_id
+        self.engine = engine or LLMEngine(engine_config)
+        self.kv = create_backend(kv_config, EngineBlockPool(self.engine.block_manager))
+        self.kv.register_kv_cache(self.engine.runner.kv_cache, self.engine.runner.layout)
+        self.incoming: dict[str, _Incoming] = {}
+        self.draining = False
+
+    # ---- commands (run on the loop thread through `call`) --------------------------------------------
+    def expect(self, req: WorkRequest, spec: TransferSpec) -> int:
+        """Reserve blocks for a request's KV that a prefill worker will send; returns prefix-hit tokens."""
+        tokens = req.token_ids
+        self.engine.scheduler.check_fits(len(tokens) + 1, req.params.max_tokens - len(req.committed_token_ids))
+        seq = Sequence(req.request_id, tokens, req.params, num_prompt_tokens=len(req.prompt_token_ids))
+        self.engine.block_manager.match_prefix(seq)
+        try:
+            rx = self.kv.create_receiver(spec, cached_block_ids=list(seq.block_table))
+        except BaseException:
+            self.engine.block_manager.free(seq)
+            raise
+        self.incoming[req.request_id] = _Incoming(req, seq, rx)
+        return seq.num_cached_tokens
+
+    def begin_decode(self, request_id: str, first_token: int) -> bool:
+        inc = self.incoming.get(request_id)
+        if inc is None:
+            return False
+        inc.first_token = first_token
+        return True
+
+    def submit_local(self, req: WorkRequest) -> None:
+        self.engine.add_request(req.request_id, req.prompt_token_ids, dataclasses.replace(req.params, seed=req.seed),
+                                committed_token_ids=req.committed_token_ids)
+
+    def abort(self, request_id: str) -> bool:
+        inc = self.incoming.pop(request_id, None)
+        if inc is not None:
+            inc.receiver.abort("request aborted")
+            inc.receiver.poll()
+            self.engine.block_manager.free(inc.seq)
+            return True
+        return self.engine.abort(request_id)
+
+    def load(self) -> WorkerLoad:
+        e = self.engine
+        return WorkerLoad(self.worker_id, self.role, len(e.scheduler.running), len(e.scheduler.waiting) + len(self.incoming),
+                          e.block_manager.num_free_blocks, e.block_manager.num_blocks,
+                          prefix_hit_tokens=e.block_manager.prefix_hits, num_preemptions=e.scheduler.num_preemptions,
+                          draining=self.draining, healthy=self.alive)
+
+    # ---- the loop -------------------------------------------------------------------------------------
+    def tick(self) -> bool:
+        updates = self._admit_arrived()
+        outputs = self.engine.step() if self.engine.has_unfinished else []
+        updates += [TokenUpdate(o.request_id, o.new_token_ids, o.finished, o.finish_reason,
+                                num_cached_tokens=o.num_cached_tokens) for o in outputs]
+        self.emit(updates)
+        return bool(outputs) or bool(self.incoming and updates)
+
+    def _admit_arrived(self) -> list[TokenUpdate]:
+        failed: list[TokenUpdate] = []
+        for rid, inc in list(self.incoming.items()):
+            status = inc.receiver.poll()
+            if status is TransferStatus.FAILED:
+                del self.incoming[rid]
+                self.engine.block_manager.free(inc.seq)
+                failed.append(TokenUpdate(rid, [], error=f"KV transfer failed: {inc.receiver.error}"))
+            elif status is TransferStatus.DONE and inc.first_token is not None:
+                del self.incoming[rid]
+                req, seq = inc.request, inc.seq
+                seq.block_table = list(inc.receiver.block_table)
+                params = dataclasses.replace(req.params, seed=req.seed)
+                self.engine.add_prefilled(rid, req.token_ids, len(req.prompt_token_ids), params, req.seed, seq,
+                                          inc.first_token)
+        return failed

@@ -1,0 +1,326 @@
+"""The cluster router: a `GenerationService` over prefill and decode pools of Ray actors.
+
+    submit ─> validate ─> record (prompt, params, seed) ─> place ─┬─ P: D.expect ─> P.prefill ─> first token ─> D.begin_decode
+                                                                  └─ D.submit_local (short / cached / colocated)
+    per decode worker: poll_outputs() long poll ─> one list of TokenUpdate per step ─> commit ─> RequestLog ─> clients
+    worker dead (actor error, missed heartbeats) ─> every request it held is re-placed with its committed tokens
+
+The committed tokens are the truth: a re-placed request restarts from prompt + committed tokens with the same
+seed, so it continues with exactly the tokens it would have produced, and updates from a worker that no longer
+owns a request are dropped, so the client sees no gap and no repeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from splitserve.engine.tokenizer import Detokenizer, Tokenizer
+from splitserve.kv_transfer import TransferSpec, WorkerSpec
+from splitserve.work import TokenUpdate, WorkRequest
+
+from .metrics import Metrics
+from .placement import Candidate, place
+from .request_log import RequestLog, RequestLogs
+from .service import GenerateRequest, LoadInfo, ModelInfo, ServiceError, TokenEvent
+from .validation import validate_request
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class RouterConfig:
+    local_prefill_threshold: int = 32     # uncached prompt tokens under which the decode worker prefills itself
+    max_placements: int = 5               # placements per request (1 + migrations/recoveries) before it fails
+    heartbeat_interval_s: float = 1.0
+    heartbeat_timeout_s: float = 10.0
+    colocated: bool = False
+    log_ttl_s: float = 300.0
+
+
+@dataclass(slots=True)
+class _Request:
+    work: WorkRequest
+    log: RequestLog
+    detok: Detokenizer
+    decode: str | None = None
+    prefill: str | None = None
+    placements: int = 0
+    started: float = field(default_factory=time.monotonic)
+    last_token_at: float | None = None
+    finished: bool = False
+    task: asyncio.Task | None = None
+
+
+class Router:
+    def __init__(self, pools, tokenizer: Tokenizer, model_info: ModelInfo, config: RouterConfig,
+                 eos_token_ids: tuple[int, ...] = (), metrics: Metrics | None = None) -> None:
+        self.pools = pools
+        self._tokenizer = tokenizer
+        self.info = model_info
+        self.model_name = model_info.name
+        self.config = config
+        self.metrics = metrics or Metrics(self.model_name)
+        self.logs = RequestLogs(config.log_ttl_s)
+        self.requests: dict[str, _Request] = {}
+        self.salt = int(model_info.fingerprint, 16) & (2**63 - 1)
+        self._tasks: list[asyncio.Task] = []
+        self._loads: dict[str, object] = {}
+        self._inflight_prefill: dict[str, int] = {}
+        self._closing = False
+        self._eos = frozenset(eos_token_ids)
+
+    # ---- lifecycle ------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        for handle in self.pools.decode.values():
+            self._tasks.append(asyncio.create_task(self._poll_decode(handle)))
+        self._tasks.append(asyncio.create_task(self._heartbeats()))
+
+    def attach_worker(self, handle) -> None:
+        """A decode worker added while serving starts receiving work and being polled."""
+        if handle.role != "prefill":
+            self._tasks.append(asyncio.create_task(self._poll_decode(handle)))
+
+    async def close(self) -> None:
+        self._closing = True
+        for t in self._tasks:
+            t.cancel()
+        for req in list(self.requests.values()):
+            if req.task:
+                req.task.cancel()
+            self._finish(req, "abort", error="the server is shutting down")
+
+    # ---- GenerationService ----------------------------------------------------------------------------
+    def tokenizer(self) -> Tokenizer:
+        return self._tokenizer
+
+    def model_info(self) -> ModelInfo:
+        return self.info
+
+    async def submit(self, request: GenerateRequest) -> str:
+        if self._closing:
+            raise ServiceError("unavailable", "the server is shutting down")
+        validate_request(request, self.model_name, self.info.vocab_size, self.info.max_model_len)
+        rid = request.request_id or f"req-{uuid.uuid4().hex}"
+        request_log = self.logs.create(rid)
+        if request_log is None:
+            raise ServiceError("invalid_argument", f"request_id {rid!r} is already in use", "request_id")
+        p = request.params
+        seed = p.seed if p.seed is not None else random.getrandbits(63)
+        work = WorkRequest(rid, list(request.prompt_token_ids), p, seed)
+        req = _Request(work, request_log, Detokenizer(self._tokenizer, p.stop))
+        self.requests[rid] = req
+        req.task = asyncio.create_task(self._place(req))
+        return rid
+
+    def stream(self, request_id: str, after_seq: int = 0):
+        request_log = self.logs.get(request_id)
+        if request_log is None:
+            raise ServiceError("not_found", f"no request {request_id!r} (unknown, or finished too long ago)",
+                               "request_id")
+        if not isinstance(after_seq, int) or after_seq < 0 or (request_log.finished and after_seq > request_log.last_seq):
+            raise ServiceError("invalid_argument", f"last_seq must be in [0, {request_log.last_seq}]", "last_seq")
+        return request_log.follow(after_seq)
+
+    async def abort(self, request_id: str) -> bool:
+        req = self.requests.get(request_id)
+        if req is None or req.finished:
+            return False
+        self._finish(req, "abort")
+        await self._release(req)
+        return True
+
+    def load(self) -> LoadInfo:
+        loads = [l for l in self._loads.values() if l is not None]
+        decode = [l for l in loads if l.role != "prefill"]
+        free = sum(l.num_free_blocks for l in decode)
+        total = sum(l.num_total_blocks for l in decode) or 1
+        return LoadInfo(num_running=sum(l.num_running for l in loads), num_waiting=sum(l.num_waiting for l in loads),
+                        kv_cache_usage=1 - free / total, num_free_blocks=free, num_total_blocks=total,
+                        workers=[{"worker_id": l.worker_id, "role": l.role, "num_running": l.num_running,
+                                  "num_waiting": l.num_waiting, "num_free_blocks": l.num_free_blocks,
+                                  "num_total_blocks": l.num_total_blocks, "draining": l.draining,
+                                  "state": "ready" if l.healthy else "dead"} for l in loads])
+
+    # ---- placement ------------------------------------------------------------------------------------
+    def _candidates(self, handles: dict) -> list[Candidate]:
+        out = []
+        for h in handles.values():
+            if not h.alive or h.draining:
+                continue
+            load = self._loads.get(h.worker_id)
+            active = sum(1 for r in self.requests.values() if not r.finished and r.decode == h.worker_id)
+            out.append(Candidate(h.worker_id, active, self._inflight_prefill.get(h.worker_id, 0),
+                                 load.num_free_blocks if load else 0,
+                                 frozenset(load.prefix_hashes) if load else frozenset()))
+        return out
+
+    async def _place(self, req: _Request) -> None:
+        """Put the request (with whatever it has committed) on a decode worker, through a prefill worker if useful."""
+        while not req.finished:
+            if req.placements >= self.config.max_placements:
+                self._finish(req, "error", error=f"request {req.work.request_id} failed after {req.placements} "
+                                                 "placements (workers kept failing)")
+                return
+            req.placements += 1
+            req.work.attempt = req.placements - 1
+            try:
+                choice = place(req.work.token_ids, self._candidates(self.pools.decode),
+                               self._candidates(self.pools.prefill), self.info.block_size, self.salt,
+                               self.config.local_prefill_threshold, self.config.colocated)
+            except LookupError:
+                await asyncio.sleep(0.5)         # every decode worker is gone or draining: wait for one
+                continue
+            self.metrics.count_placement(choice.reason)
+            req.decode, req.prefill = choice.decode, choice.prefill
+            try:
+                await self._run_placement(req, choice.prefill)
+                return
+            except Exception as e:               # a worker died or refused: try again elsewhere
+                log.warning("placement %d of %s failed: %s", req.placements, req.work.request_id, e)
+                await self._release(req)
+                self._check_worker_health(req.decode, req.prefill)
+
+    async def _run_placement(self, req: _Request, prefill_id: str | None) -> None:
+        d = self.pools.decode[req.decode]
+        if prefill_id is None:
+            await d.actor.submit_local.remote(req.work)
+            return
+        p = self.pools.prefill[prefill_id]
+        spec = TransferSpec(req.work.request_id, WorkerSpec(prefill_id), WorkerSpec(req.decode),
+                            num_tokens=len(req.work.token_ids), attempt=req.work.attempt)
+        await d.actor.expect.remote(req.work, spec)
+        self._inflight_prefill[prefill_id] = self._inflight_prefill.get(prefill_id, 0) + len(req.work.token_ids)
+        try:
+            token, _hits = await p.actor.prefill.remote(req.work, spec)
+        finally:
+            self._inflight_prefill[prefill_id] -= len(req.work.token_ids)
+        self._commit(req, [token])
+        if not req.finished:
+            await d.actor.begin_decode.remote(req.work.request_id, token)
+
+    async def _release(self, req: _Request) -> None:
+        """Tell the workers holding the request to drop it (frees their blocks); errors mean they are gone."""
+        for worker_id, pool in ((req.decode, self.pools.decode), (req.prefill, self.pools.prefill)):
+            handle = pool.get(worker_id) if worker_id else None
+            if handle is not None and handle.alive:
+                try:
+                    await asyncio.wait_for(handle.actor.abort.remote(req.work.request_id), 10)
+                except Exception:
+                    pass
+
+    # ---- tokens ---------------------------------------------------------------------------------------
+    def _commit(self, req: _Request, token_ids: list[int], finished: bool = False, reason: str | None = None,
+                num_cached: int = 0) -> None:
+        if req.finished:
+            return
+        now = time.monotonic()
+        p = req.work.params
+        eos = self._eos
+        kept = []
+        for t in token_ids:
+            kept.append(t)
+            if len(req.work.committed_token_ids) + len(kept) >= p.max_tokens:
+                finished, reason = True, reason or "length"
+                break
+            if (not p.ignore_eos and t in eos) or t in p.stop_token_ids:
+                finished, reason = True, "stop"
+                break
+        req.work.committed_token_ids.extend(kept)
+        text = req.detok.push(kept)
+        if req.detok.stopped:
+            finished, reason = True, "stop"
+        if finished:
+            text += req.detok.flush()
+        n_out = len(req.work.committed_token_ids)
+        if req.last_token_at is None:
+            self.metrics.observe_first_token(now - req.started, len(req.work.prompt_token_ids), num_cached)
+        else:
+            self.metrics.observe_token(now - req.last_token_at, len(kept))
+        req.last_token_at = now
+        req.log.append(TokenEvent(req.work.request_id, 0, kept, text, finished, reason if finished else None,
+                                  num_prompt_tokens=len(req.work.prompt_token_ids), num_output_tokens=n_out,
+                                  num_cached_tokens=num_cached))
+        if finished:
+            req.finished = True
+            self.metrics.observe_finished(reason or "stop", now - req.started)
+            self.requests.pop(req.work.request_id, None)
+            if reason == "stop" or reason == "length":
+                asyncio.get_running_loop().create_task(self._release(req))
+
+    def _finish(self, req: _Request, reason: str, error: str | None = None) -> None:
+        if req.finished:
+            return
+        req.finished = True
+        self.requests.pop(req.work.request_id, None)
+        req.log.append(TokenEvent(req.work.request_id, 0, [], req.detok.flush(), True, reason, error=error,
+                                  num_prompt_tokens=len(req.work.prompt_token_ids),
+                                  num_output_tokens=len(req.work.committed_token_ids)))
+        self.metrics.observe_finished(reason, time.monotonic() - req.started)
+
+    async def _poll_decode(self, handle) -> None:
+        while handle.alive and not self._closing:
+            try:
+                updates: list[TokenUpdate] = await handle.actor.poll_outputs.remote(0.5)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("decode worker %s is unreachable: %s", handle.worker_id, e)
+                await self._worker_lost(handle)
+                return
+            for u in updates:
+                req = self.requests.get(u.request_id)
+                if req is None or req.decode != handle.worker_id:
+                    continue                     # stale: the request moved or ended
+                if u.error:
+                    log.warning("%s on %s: %s", u.request_id, handle.worker_id, u.error)
+                    req.task = asyncio.create_task(self._place(req))
+                    continue
+                self._commit(req, u.token_ids, u.finished, u.finish_reason, u.num_cached_tokens)
+
+    # ---- health ---------------------------------------------------------------------------------------
+    async def _heartbeats(self) -> None:
+        while not self._closing:
+            for handle in self.pools.all():
+                if not handle.alive:
+                    continue
+                try:
+                    self._loads[handle.worker_id] = await asyncio.wait_for(handle.actor.load.remote(),
+                                                                           self.config.heartbeat_timeout_s)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:
+                    log.warning("worker %s missed its heartbeat: %s", handle.worker_id, e)
+                    await self._worker_lost(handle)
+            self.metrics.set_load(self.load())
+            await asyncio.sleep(self.config.heartbeat_interval_s)
+
+    def _check_worker_health(self, *worker_ids) -> None:
+        for wid in worker_ids:
+            handle = self.pools.decode.get(wid) or self.pools.prefill.get(wid) if wid else None
+            if handle is not None and handle.alive:
+                asyncio.get_running_loop().create_task(self._probe(handle))
+
+    async def _probe(self, handle) -> None:
+        try:
+            await asyncio.wait_for(handle.actor.load.remote(), self.config.heartbeat_timeout_s)
+        except Exception:
+            await self._worker_lost(handle)
+
+    async def _worker_lost(self, handle) -> None:
+        if not handle.alive:
+            return
+        handle.alive = False
+        self._loads.pop(handle.worker_id, None)
+        moved = [r for r in self.requests.values() if not r.finished and handle.worker_id in (r.decode, r.prefill)]
+        log.warning("worker %s lost; re-placing %d requests", handle.worker_id, len(moved))
+        for req in moved:
+            self.metrics.count_recovery()
+            if req.task is not None and not req.task.done() and req.prefill == handle.worker_id:
+                continue                         # its placement task sees the failure and retries by itself
+            await self._release(req)
+            req.task = asyncio.create_task(self._place(req))

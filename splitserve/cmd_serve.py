@@ -1,0 +1,177 @@
+"""`splitserve serve`: the router, a prefill pool and a decode pool on a Ray cluster (embedded by default),
+behind OpenAI-compatible HTTP and the gRPC API."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+log = logging.getLogger("splitserve.serve")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="serve the model: router + prefill and decode workers on Ray")
+    p.add_argument("--prefill-workers", type=int, default=1)
+    p.add_argument("--decode-workers", type=int, default=1)
+    p.add_argument("--colocated", action="store_true", help="every worker does both phases (the baseline)")
+    p.add_argument("--embedded", action="store_true", help="one in-process engine, no Ray (smallest footprint)")
+    p.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local one")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=50051)
+    p.add_argument("--api-key", default=None, help="require this key on every route and RPC (except health)")
+    p.add_argument("--api-key-file", default=None, help="read the API key from this file")
+    p.add_argument("--tls-cert", default=None)
+    p.add_argument("--tls-key", default=None)
+    p.add_argument("--redis-url", default=None, help="journal in Redis (cluster mode); default in-process")
+    p.add_argument("--local-prefill-threshold", type=int, default=32,
+                   help="uncached prompt tokens under which the decode worker prefills itself")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--kv-transfer", default="torch_dist", choices=["torch_dist", "local", "fake"])
+    p.add_argument("--drain-deadline", type=float, default=30.0)
+    p.add_argument("--preemption-watcher", default="none", choices=["none", "aws", "gcp", "azure"])
+    p.add_argument("--log-level", default="info")
+    from splitserve.cli import add_engine_args
+
+    add_engine_args(p)
+    p.set_defaults(run=run)
+
+
+def _api_key(args) -> str | None:
+    from splitserve.settings import settings
+
+    if args.api_key_file:
+        try:
+            key = Path(args.api_key_file).read_text().strip()
+        except OSError as e:
+            raise ValueError(f"--api-key-file {args.api_key_file}: {e.strerror}") from None
+        if not key:
+            raise ValueError(f"--api-key-file {args.api_key_file} is empty")
+        return key
+    return args.api_key or settings.api_key
+
+
+def engine_config_from(args):
+    from splitserve.engine.config import EngineConfig, parse_layer_range
+
+    return EngineConfig(model=args.model, device=args.device, dtype=args.dtype, tp=args.tp,
+                        layer_parallel=parse_layer_range(args.layer_parallel), max_model_len=args.max_model_len,
+                        kv_cache_memory_gb=args.kv_cache_gb, attention_backend=args.attention_backend,
+                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from splitserve.router.frontends import FrontendOptions
+
+    options = FrontendOptions(http_host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+                              api_key=_api_key(args), tls_cert=args.tls_cert, tls_key=args.tls_key)
+    config = engine_config_from(args)
+    return asyncio.run(_serve(args, config, options))
+
+
+async def _serve(args, config, options) -> int:
+    from splitserve.router.frontends import Frontends
+
+    if args.embedded:
+        service, cleanup = await _embedded(config)
+    else:
+        service, cleanup = await _cluster(args, config)
+    frontends = Frontends(service, options)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await frontends.start()
+        print(f"splitserve: serving {service.model_name} on http://{options.http_host}:{frontends.http_port} "
+              f"(OpenAI API) and gRPC port {frontends.grpc_port}; Ctrl-C drains and stops", file=sys.stderr, flush=True)
+        await stop.wait()
+        print("splitserve: draining in-flight requests ...", file=sys.stderr, flush=True)
+        await _drain(service, args.drain_deadline)
+    finally:
+        await frontends.stop()
+        await cleanup()
+    return 0
+
+
+async def _drain(service, deadline: float) -> None:
+    """Wait for in-flight requests to finish (new ones are refused meanwhile), up to `deadline` seconds."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline
+    while loop.time() < end:
+        load = service.load()
+        if load.num_running == 0 and load.num_waiting == 0 and not getattr(service, "requests", None):
+            return
+        await asyncio.sleep(0.2)
+
+
+async def _embedded(config):
+    from splitserve.engine.llm_engine import LLMEngine
+    from splitserve.router.engine_service import EngineService
+
+    engine = await asyncio.to_thread(LLMEngine, config)
+    service = EngineService(engine)
+    return service, service.close
+
+
+async def _cluster(args, config):
+    from splitserve.cluster.ray_cluster import enable_token_auth
+
+    enable_token_auth(args.address)
+    import ray
+    import torch.distributed as dist
+
+    from splitserve.cluster.pools import PoolConfig, WorkerPools
+    from splitserve.cluster.ray_cluster import start_ray, stop_ray
+    from splitserve.engine.config import resolve_dtype
+    from splitserve.engine.loader.resolve import prepare_model
+    from splitserve.engine.model_config import ModelConfig
+    from splitserve.engine.tokenizer import Tokenizer
+    from splitserve.router.router import Router, RouterConfig
+    from splitserve.router.service import ModelInfo
+
+    pool_config = PoolConfig(num_prefill=args.prefill_workers, num_decode=args.decode_workers,
+                             cpus_per_worker=args.cpus_per_worker, colocated=args.colocated, kv_backend=args.kv_transfer)
+    model_dir = await asyncio.to_thread(prepare_model, config.model, config.cache_dir, True)
+    tokenizer = Tokenizer(model_dir)
+    model_config = ModelConfig.from_dir(model_dir)
+    n_workers = pool_config.num_decode + (0 if args.colocated else pool_config.num_prefill)
+    await asyncio.to_thread(start_ray, args.address, max(2, int(n_workers * args.cpus_per_worker * config.tp + 1)))
+    host = "127.0.0.1" if args.address is None else ray.util.get_node_ip_address()
+    store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False)   # the KV-transfer rendezvous
+    pools = WorkerPools(config, pool_config, host, store.port)
+    pools.rendezvous = store          # the store lives as long as the pools do
+    print(f"splitserve: starting {n_workers} workers on Ray ...", file=sys.stderr, flush=True)
+    await asyncio.to_thread(pools.start)
+    first = next(iter(pools.decode.values()))
+    ready = await first.actor.ready.remote()
+    max_len = min(config.max_model_len or model_config.max_position_embeddings, model_config.max_position_embeddings)
+    name = Path(config.model).stem if config.model and Path(config.model).is_file() else (
+        Path(config.model).name if config.model else default_model_name_of_package())
+    info = ModelInfo(name=name, max_model_len=max_len, vocab_size=model_config.vocab_size,
+                     dtype=resolve_dtype(config.dtype, config.device), block_size=config.block_size,
+                     fingerprint=ready["fingerprint"])
+    eos = set(model_config.eos_token_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+    router = Router(pools, tokenizer, info, RouterConfig(local_prefill_threshold=args.local_prefill_threshold,
+                                                         colocated=args.colocated), eos_token_ids=tuple(eos))
+    await router.start()
+
+    async def cleanup() -> None:
+        await router.close()
+        await asyncio.to_thread(pools.shutdown)
+        stop_ray()
+
+    return router, cleanup
+
+
+def default_model_name_of_package() -> str:
+    from splitserve.engine.loader.resolve import packaged_model_path
+
+    return packaged_model_path().stem

@@ -1,0 +1,95 @@
+"""A worker's engine thread: the only thread that touches its engine and KV backend.
+
+    caller threads ──call(fn)──> command queue ──> loop thread: run commands, tick(), repeat
+    loop thread ──emit(items)──> outbox ──take_outputs(timeout)──> the router's long poll
+
+Commands return concurrent futures, so an asyncio caller (a Ray async actor) awaits them with
+`asyncio.wrap_future` and never blocks its event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from abc import ABC, abstractmethod
+from concurrent.futures import Future
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+
+class StepLoop(ABC):
+    idle_wait_s = 0.005
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._outbox: list[Any] = []
+        self._out_ready = threading.Condition()
+        self._wake = threading.Event()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"{name}-steps", daemon=True)
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopped.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """Run `fn(*args)` on the loop thread; the future holds its result or exception."""
+        fut: Future = Future()
+        self._commands.put((fn, args, fut))
+        self._wake.set()
+        return fut
+
+    def emit(self, items: list[Any]) -> None:
+        if items:
+            with self._out_ready:
+                self._outbox.extend(items)
+                self._out_ready.notify_all()
+
+    def take_outputs(self, timeout: float) -> list[Any]:
+        """Everything emitted since the last call, waiting up to `timeout` for something to arrive."""
+        with self._out_ready:
+            if not self._outbox:
+                self._out_ready.wait(timeout)
+            items, self._outbox = self._outbox, []
+        return items
+
+    @abstractmethod
+    def tick(self) -> bool:
+        """One unit of work; False when there was nothing to do (the loop then sleeps until woken)."""
+
+    def _run(self) -> None:
+        try:
+            while not self._stopped.is_set():
+                self._run_commands()
+                if not self.tick():
+                    self._wake.wait(self.idle_wait_s)
+                    self._wake.clear()
+        except BaseException as e:        # the worker is broken: report it through health checks
+            log.exception("%s step loop died", self.name)
+            self.error = e
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                fn, args, fut = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as e:
+                fut.set_exception(e)

@@ -1,0 +1,49 @@
+"""Typed messages between the router and the workers (they travel through Ray's own calls)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from splitserve.engine.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class WorkRequest:
+    """Everything a worker needs to (re)start a request: the journal record at this moment."""
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seed: int
+    committed_token_ids: list[int] = field(default_factory=list)   # tokens already streamed (recovery)
+    attempt: int = 0                                                # placements so far (transfer keys differ)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.committed_token_ids
+
+
+@dataclass(slots=True)
+class TokenUpdate:
+    """New tokens of one request from one decode step; a worker sends a list of these per step."""
+    request_id: str
+    token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None
+    error: str | None = None          # the worker could not continue this request (router re-places it)
+    num_cached_tokens: int = 0
+
+
+@dataclass(slots=True)
+class WorkerLoad:
+    worker_id: str
+    role: str
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_total_blocks: int
+    queued_prefill_tokens: int = 0
+    prefix_hashes: list[int] = field(default_factory=list)
+    prefix_hit_tokens: int = 0
+    num_preemptions: int = 0
+    draining: bool = False
+    healthy: bool = True
