@@ -14,7 +14,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass(slots=True)
 class EngineConfig:
-    model: str | None = None             # GGUF file or HF directory; None = the packaged SmolLM2
+    model: str | None = None             # GGUF file or HF directory; None = $SPLITSERVE_MODEL or the packaged SmolLM2
     device: str = "cpu"
     dtype: str = "auto"                  # auto = bfloat16 on CUDA and on CPUs with AMX/AVX512-BF16, else float32
     block_size: int = 16

@@ -196,10 +196,10 @@ class Router:
         await d.actor.expect.remote(req.work, spec)
         self._inflight_prefill[prefill_id] = self._inflight_prefill.get(prefill_id, 0) + len(req.work.token_ids)
         try:
-            token, _hits = await p.actor.prefill.remote(req.work, spec)
+            token, hits = await p.actor.prefill.remote(req.work, spec)
         finally:
             self._inflight_prefill[prefill_id] -= len(req.work.token_ids)
-        self._commit(req, [token])
+        self._commit(req, [token], num_cached=hits)
         if not req.finished:
             await d.actor.begin_decode.remote(req.work.request_id, token)
 
@@ -239,6 +239,7 @@ class Router:
         n_out = len(req.work.committed_token_ids)
         if req.last_token_at is None:
             self.metrics.observe_first_token(now - req.started, len(req.work.prompt_token_ids), num_cached)
+            self.metrics.count_prefix_hit_tokens(num_cached)
         else:
             self.metrics.observe_token(now - req.last_token_at, len(kept))
         req.last_token_at = now

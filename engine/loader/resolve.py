@@ -39,7 +39,11 @@ def _digest(path: Path) -> str:
 
 
 def prepare_model(model: str | os.PathLike | None, cache_dir: Path, verbose: bool = True) -> Path:
-    """Return an HF-style directory for `model` (None = the packaged default), converting a GGUF once."""
+    """Return an HF-style directory for `model` (None = $SPLITSERVE_MODEL, else the packaged default),
+    converting a GGUF once."""
+    from splitserve.settings import settings
+
+    model = model or settings.default_model
     path = Path(model) if model else packaged_model_path()
     if path.is_dir():
         if not (path / "config.json").exists() or not any(path.glob("*.safetensors")):

@@ -29,7 +29,11 @@ def tuned(engine, num_blocks: int | None = None, **scheduler_fields):
     try:
         yield engine
     finally:
-        sched.config, engine.block_manager, sched.blocks = old_cfg, old_bm, old_bm
+        sched.config = old_cfg
+        if num_blocks is not None:
+            # the tuned manager reused the same KV pages, so the old manager's prefix cache is stale: start clean
+            fresh = BlockManager(old_bm.num_blocks, old_bm.block_size, old_bm.salt)
+            engine.block_manager = sched.blocks = fresh
 
 
 def test_batched_equals_one_at_a_time(engine_f32, prompts):

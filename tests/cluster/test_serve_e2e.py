@@ -1,0 +1,90 @@
+"""`splitserve serve` on a local Ray cluster: disaggregated outputs equal the local engine's, token for token."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+
+import openai
+import psutil
+import pytest
+
+from splitserve.engine.sampling_params import SamplingParams
+
+from serve_process import ServeProcess, metric_value
+
+SHORT = ["Hi", "Name a color.", "What is 2+2?", "Say yes."]
+LONG = ["Explain in simple words how photosynthesis turns sunlight, water and carbon dioxide into sugar and oxygen.",
+        "Write a short story about a robot who learns to paint, set in a small coastal town during winter.",
+        "Summarize: The mitochondria is the powerhouse of the cell. It produces energy through cellular "
+        "respiration, converting glucose and oxygen into ATP. Cells with high energy needs contain many of them.",
+        "List five tips for writing clean Python code and explain each one briefly."]
+SYSTEM = "You are a careful assistant. Answer briefly and precisely, and never invent facts. " * 3
+
+
+def requests_mix():
+    """32 requests: short and long prompts, greedy and seeded, some sharing a long system prompt."""
+    out = []
+    for i in range(32):
+        text = (SHORT + LONG)[i % 8]
+        messages = ([{"role": "system", "content": SYSTEM}] if i % 3 == 0 else []) + [{"role": "user", "content": text}]
+        sampling = dict(temperature=0.0) if i % 2 == 0 else dict(temperature=0.9, top_p=0.95, seed=100 + i)
+        out.append((messages, sampling, 12 + (i % 4) * 6))
+    return out
+
+
+@pytest.fixture(scope="module", params=[(1, 1), (1, 2)], ids=["1P+1D", "1P+2D"])
+def server(request):
+    prefill, decode = request.param
+    proc = ServeProcess("--prefill-workers", str(prefill), "--decode-workers", str(decode), "--dtype", "float32",
+                        "--kv-cache-gb", "0.25", "--cpus-per-worker", "0.5")
+    yield proc
+    assert proc.stop() == 0, proc.output()[-3000:]
+    # no Ray process of this server is left behind
+    leftovers = [p for p in psutil.process_iter(["cmdline"]) if any("ray::" in c or "raylet" in c
+                 for c in (p.info["cmdline"] or [])) and "splitserve" in " ".join(p.info["cmdline"] or [])]
+    assert not leftovers
+
+
+def _expected(engine, messages, sampling, max_tokens):
+    prompt = engine.tokenizer.apply_chat_template(messages)
+    return engine.generate([prompt], SamplingParams(max_tokens=max_tokens, **sampling))[0].text
+
+
+def test_concurrent_outputs_equal_local_engine(server, engine_f32):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    mix = requests_mix()
+
+    def call(item):
+        messages, sampling, max_tokens = item
+        r = client.chat.completions.create(model="SmolLM2-135M-Instruct.Q4_1", messages=messages,
+                                           max_tokens=max_tokens, **sampling)
+        return r.choices[0].message.content
+
+    with cf.ThreadPoolExecutor(32) as pool:
+        got = list(pool.map(call, mix))
+    expected = [_expected(engine_f32, *item) for item in mix]
+    assert got == expected
+    metrics = server.metrics()
+    assert metric_value(metrics, "splitserve_placement_decisions_total", reason="prefill_remote") > 0
+    assert metric_value(metrics, "splitserve_placement_decisions_total", reason="decode_local_short") > 0
+    # the shared system prompt is served from the prefix cache after the first request
+    assert metric_value(metrics, "splitserve_prefix_cache_hit_tokens_total") > 0
+
+
+def test_bad_requests_get_4xx_and_do_not_disturb(server, engine_f32):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    with pytest.raises(openai.BadRequestError, match="model"):
+        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.chat.completions.create(model="SmolLM2-135M-Instruct.Q4_1", max_tokens=0,
+                                       messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model="SmolLM2-135M-Instruct.Q4_1", temperature=-1,
+                                       messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="context|prompt"):
+        client.chat.completions.create(model="SmolLM2-135M-Instruct.Q4_1", max_tokens=4,
+                                       messages=[{"role": "user", "content": "word " * 9000}])
+    r = client.chat.completions.create(model="SmolLM2-135M-Instruct.Q4_1", max_tokens=8, temperature=0,
+                                       messages=[{"role": "user", "content": "Name a color."}])
+    assert r.choices[0].message.content == _expected(engine_f32, [{"role": "user", "content": "Name a color."}],
+                                                     dict(temperature=0.0), 8)
