@@ -45,13 +45,21 @@ def server(request):
     assert not leftovers
 
 
-def _expected(engine, messages, sampling, max_tokens):
-    prompt = engine.tokenizer.apply_chat_template(messages)
-    return engine.generate([prompt], SamplingParams(max_tokens=max_tokens, **sampling))[0].text
+def _expected(engine, items):
+    """The local engine's outputs for (messages, sampling, max_tokens) items, in one continuous batch."""
+    prompts = [engine.tokenizer.apply_chat_template(m) for m, _, _ in items]
+    params = [SamplingParams(max_tokens=n, **sampling) for _, sampling, n in items]
+    return [c.text for c in engine.generate(prompts, params)]
 
 
-def test_concurrent_outputs_equal_local_engine(server, engine_f32):
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+@pytest.fixture(scope="module")
+def expected_mix(engine_f32):
+    return _expected(engine_f32, requests_mix())
+
+
+@pytest.mark.timeout(900)
+def test_concurrent_outputs_equal_local_engine(server, expected_mix):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=600)
     mix = requests_mix()
 
     def call(item):
@@ -62,8 +70,7 @@ def test_concurrent_outputs_equal_local_engine(server, engine_f32):
 
     with cf.ThreadPoolExecutor(32) as pool:
         got = list(pool.map(call, mix))
-    expected = [_expected(engine_f32, *item) for item in mix]
-    assert got == expected
+    assert got == expected_mix
     metrics = server.metrics()
     assert metric_value(metrics, "splitserve_placement_decisions_total", reason="prefill_remote") > 0
     assert metric_value(metrics, "splitserve_placement_decisions_total", reason="decode_local_short") > 0
@@ -86,5 +93,5 @@ def test_bad_requests_get_4xx_and_do_not_disturb(server, engine_f32):
                                        messages=[{"role": "user", "content": "word " * 9000}])
     r = client.chat.completions.create(model="SmolLM2-135M-Instruct.Q4_1", max_tokens=8, temperature=0,
                                        messages=[{"role": "user", "content": "Name a color."}])
-    assert r.choices[0].message.content == _expected(engine_f32, [{"role": "user", "content": "Name a color."}],
-                                                     dict(temperature=0.0), 8)
+    assert [r.choices[0].message.content] == _expected(
+        engine_f32, [([{"role": "user", "content": "Name a color."}], dict(temperature=0.0), 8)])

@@ -1,0 +1,51 @@
+"""The page-stream framing on a pair link: a fixed-size header frame, then K and V of each announced run.
+
+    [u16 little-endian length][KVPageHeader protobuf][zero padding]   (uint8 tensor on the KV device)
+    K(run 0) V(run 0) K(run 1) V(run 1) ...                           (raw tensors, sizes from the header)
+
+A fixed size lets the receiver post the header receive before knowing anything, and the header lists every
+payload of the batch, so the receiver posts all their receives at once: the transport never waits for it
+(Gloo's TCP pairs move a message only once its receive is posted). Even pages of a transfer the receiver gave
+up on are received (and dropped), keeping the stream in step. NCCL needs device tensors, hence the frame lives
+on the KV tensor's device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from splitserve.proto.v1 import kv_transfer_pb2 as pb
+
+HEADER_BYTES = 4096
+MAX_RUNS = 64          # runs per header; fewer when long request ids fill the frame (see run_size_bound)
+
+
+def run_size_bound(request_id: str) -> int:
+    """Upper bound of one KVPageRun's encoded size inside a header (request id + six varints + framing)."""
+    return len(request_id.encode()) + 48
+
+
+def batch_fits(total_run_bound: int) -> bool:
+    return total_run_bound + 8 <= HEADER_BYTES - 2
+
+
+def encode_header(header: pb.KVPageHeader, device: torch.device) -> torch.Tensor:
+    body = header.SerializeToString()
+    if len(body) > HEADER_BYTES - 2:
+        raise ValueError(f"KVPageHeader of {len(body)} bytes does not fit the {HEADER_BYTES}-byte frame")
+    frame = bytearray(HEADER_BYTES)
+    frame[0:2] = len(body).to_bytes(2, "little")
+    frame[2:2 + len(body)] = body
+    return torch.frombuffer(frame, dtype=torch.uint8).to(device)
+
+
+def decode_header(frame: torch.Tensor) -> pb.KVPageHeader:
+    raw = frame.cpu().numpy().tobytes()
+    n = int.from_bytes(raw[0:2], "little")
+    if n > HEADER_BYTES - 2:
+        raise ValueError(f"corrupt KV page header frame (length {n})")
+    return pb.KVPageHeader.FromString(raw[2:2 + n])
+
+
+def empty_header(device: torch.device) -> torch.Tensor:
+    return torch.empty(HEADER_BYTES, dtype=torch.uint8, device=device)

@@ -1,0 +1,47 @@
+"""Resharding plans: which sender TP rank sends which KV heads to which receiver TP rank."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from splitserve.engine.kv_layout import kv_head_range
+from splitserve.kv_transfer import HeadPull, plan_pulls
+
+
+def test_four_heads_split_two_two():
+    assert plan_pulls(4, 2, 1) == [HeadPull(0, 0, 0, 2), HeadPull(1, 0, 2, 4)]
+    assert plan_pulls(4, 1, 2) == [HeadPull(0, 0, 0, 2), HeadPull(0, 1, 2, 4)]
+
+
+def test_replicated_head_is_pulled_once_and_replicas_share_the_load():
+    assert plan_pulls(1, 2, 1) == [HeadPull(0, 0, 0, 1)]                        # rank 1 sends nothing
+    assert plan_pulls(1, 1, 2) == [HeadPull(0, 0, 0, 1), HeadPull(0, 1, 0, 1)]  # both ranks get head 0
+    assert plan_pulls(1, 2, 2) == [HeadPull(0, 0, 0, 1), HeadPull(1, 1, 0, 1)]  # each replica serves one
+
+
+def test_local_head_slices():
+    pull = HeadPull(src_rank=1, dst_rank=0, head_start=2, head_end=4)
+    assert pull.src_slice(4, 2) == slice(0, 2)          # sender rank 1 holds heads 2-3 locally as 0-1
+    assert pull.dst_slice(4, 1) == slice(2, 4)
+
+
+@pytest.mark.parametrize("heads,src_tp,dst_tp", [
+    (h, s, d) for h, s, d in itertools.product([1, 2, 3, 4, 8], [1, 2, 3, 4, 6, 8], [1, 2, 3, 4, 6, 8])
+    if (h % s == 0 if h >= s else s % h == 0) and (h % d == 0 if h >= d else d % h == 0)])
+def test_every_receiver_head_comes_from_exactly_one_holder(heads, src_tp, dst_tp):
+    pulls = plan_pulls(heads, src_tp, dst_tp)
+    for r in range(dst_tp):
+        got = sorted(h for p in pulls if p.dst_rank == r for h in range(p.head_start, p.head_end))
+        assert got == list(kv_head_range(heads, dst_tp, r))
+    for p in pulls:
+        assert p.num_heads > 0
+        src = kv_head_range(heads, src_tp, p.src_rank)
+        assert src.start <= p.head_start and p.head_end <= src.stop
+
+
+def test_tp_degree_the_layout_contract_rejects_is_an_error():
+    # SmolLM2 has 3 KV heads: kv_head_range has no split for TP=2 (neither divides the other)
+    with pytest.raises(ValueError, match="not divisible"):
+        plan_pulls(3, 2, 1)

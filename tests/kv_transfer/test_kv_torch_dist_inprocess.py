@@ -1,0 +1,200 @@
+"""torch_dist with both workers in this process (Gloo pair groups between threads): lifecycle edge cases that
+need no process boundary — fully cached requests, aborts on either side, link reuse and re-formation."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from torch.distributed import TCPStore
+
+from splitserve.engine.kv_layout import KVLayout
+from splitserve.kv_transfer import (KVTransferConfig, SimpleBlockPool, TransferSpec, TransferStatus, WorkerSpec,
+                                    create_backend)
+
+LAYOUT = KVLayout(num_layers=3, num_blocks=32, block_size=4, num_kv_heads=2, head_dim=8, dtype=torch.float32)
+
+
+class Side:
+    def __init__(self, store: TCPStore, worker: str, timeout_s: float = 5.0) -> None:
+        self.pool = SimpleBlockPool(LAYOUT.num_blocks)
+        self.kv = torch.randn(LAYOUT.shape)
+        self.backend = create_backend(KVTransferConfig(backend="torch_dist", worker_id=worker, model_id="m",
+                                                       store_port=store.port, timeout_s=timeout_s,
+                                                       connect_timeout_s=3.0), self.pool)
+        self.backend.register_kv_cache(self.kv, LAYOUT)
+
+
+@pytest.fixture
+def pair():
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    p, d = Side(store, "p"), Side(store, "d")
+    yield store, p, d
+    p.backend.close()
+    d.backend.close()
+
+
+def spec(rid: str, tokens: int = 10, timeout_s: float | None = None) -> TransferSpec:
+    return TransferSpec(rid, WorkerSpec("p"), WorkerSpec("d"), tokens, timeout_s=timeout_s)
+
+
+def settle(*ends, limit: float = 10.0) -> list[TransferStatus]:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        statuses = [e.poll() for e in ends]
+        if all(s.terminal for s in statuses):
+            return statuses
+        time.sleep(0.002)
+    raise AssertionError(f"not terminal after {limit}s: {[e.poll() for e in ends]}")
+
+
+def move(p: Side, d: Side, rid: str, tokens: int = 10, cached: list[int] | None = None):
+    rx = d.backend.create_receiver(spec(rid, tokens), cached or [])
+    src = p.pool.allocate(spec(rid, tokens).num_blocks(LAYOUT.block_size))
+    tx = p.backend.create_sender(spec(rid, tokens), src)
+    tx.all_layers_ready()
+    return tx, rx, src
+
+
+def test_transfers_reuse_one_pair_link_and_move_exact_pages(pair):
+    store, p, d = pair
+    for i in range(3):
+        tx, rx, src = move(p, d, f"r{i}")
+        assert settle(tx, rx) == [TransferStatus.DONE, TransferStatus.DONE]
+        assert torch.equal(d.kv[:, :, rx.block_table], p.kv[:, :, src])
+    assert store.add("kvx/link/p/0->d/0/gen", 0) == 1             # formed once, never re-formed
+    assert p.pool.num_free == LAYOUT.num_blocks
+
+
+def test_fully_cached_request_needs_no_pages(pair):
+    _, p, d = pair
+    cached = d.pool.allocate(3)
+    before = d.kv.clone()
+    tx, rx, _ = move(p, d, "hit", tokens=12, cached=cached)
+    assert settle(tx, rx) == [TransferStatus.DONE, TransferStatus.DONE]
+    assert rx.block_table == cached and torch.equal(d.kv, before)
+    assert rx.completed_layers() == [0, 1, 2]
+
+
+def test_receiver_abort_fails_sender_and_frees_both_sides(pair):
+    _, p, d = pair
+    rx = d.backend.create_receiver(spec("ab"))
+    tx = p.backend.create_sender(spec("ab"), p.pool.allocate(3))
+    tx.layer_ready(0)
+    rx.abort("client went away")
+    assert settle(tx, rx) == [TransferStatus.FAILED, TransferStatus.FAILED]
+    assert "client went away" in tx.error
+    assert p.pool.num_free == d.pool.num_free == LAYOUT.num_blocks
+    tx, rx, _ = move(p, d, "after-abort")                          # the link is still good
+    assert settle(tx, rx) == [TransferStatus.DONE, TransferStatus.DONE]
+
+
+def test_sender_abort_mid_stream_fails_receiver(pair):
+    _, p, d = pair
+    rx = d.backend.create_receiver(spec("sa"))
+    tx = p.backend.create_sender(spec("sa"), p.pool.allocate(3))
+    tx.layer_ready(0)
+    while rx.completed_layers() != [0]:
+        rx.poll()
+    tx.abort("prefill preempted")
+    assert settle(tx, rx) == [TransferStatus.FAILED, TransferStatus.FAILED]
+    assert "prefill preempted" in rx.error
+    assert p.pool.num_free == d.pool.num_free == LAYOUT.num_blocks
+
+
+def test_receiver_deadline_while_sender_idle_then_link_still_works(pair):
+    _, p, d = pair
+    rx = d.backend.create_receiver(spec("slow", timeout_s=0.5))
+    tx = p.backend.create_sender(spec("slow", timeout_s=0.5), p.pool.allocate(3))   # never calls layer_ready
+    assert settle(tx, rx) == [TransferStatus.FAILED, TransferStatus.FAILED]
+    assert "deadline" in rx.error
+    tx, rx, _ = move(p, d, "next")
+    assert settle(tx, rx) == [TransferStatus.DONE, TransferStatus.DONE]
+
+
+def test_silent_peer_breaks_the_link_and_a_restarted_worker_reforms_it(pair, monkeypatch):
+    # (a SIGKILLed peer is detected at once by the OS closing its sockets: see test_kv_torch_dist.py; a peer
+    # that goes silent is detected when its open stream outlives the transfer's deadline + grace)
+    store, p, d = pair
+    monkeypatch.setattr(d.backend._ctx, "grace_s", 0.3)
+    tx, rx, _ = move(p, d, "first")
+    assert settle(tx, rx) == [TransferStatus.DONE, TransferStatus.DONE]
+    rx = d.backend.create_receiver(spec("victim", timeout_s=0.5))
+    tx = p.backend.create_sender(spec("victim", timeout_s=0.5), p.pool.allocate(3))
+    while rx.poll() is not TransferStatus.TRANSFERRING:
+        time.sleep(0.002)
+    p.backend.close()                       # the prefill worker goes silent: no pages, no ABORT
+    assert settle(rx, limit=2.0) == [TransferStatus.FAILED]
+    assert d.pool.num_free == LAYOUT.num_blocks - 3           # only "first"'s blocks stay with the decode side
+    link = d.backend._ctx.links.recv_link("p/0", "d/0")
+    token = link.token
+    deadline = time.monotonic() + 3
+    while link.token == token and time.monotonic() < deadline:
+        time.sleep(0.01)                    # the receiver declares the link dead once deadline + grace passed
+    p2 = Side(store, "p")                   # restarted under the same worker id
+    try:
+        tx, rx, src = move(p2, d, "recovered")
+        assert settle(tx, rx) == [TransferStatus.DONE, TransferStatus.DONE]
+        assert torch.equal(d.kv[:, :, rx.block_table], p2.kv[:, :, src])
+        assert store.add("kvx/link/p/0->d/0/gen", 0) == 2          # a fresh group, not the broken one
+    finally:
+        p2.backend.close()
+
+
+def test_workers_restarted_under_the_same_id_get_fresh_groups(pair):
+    store, p, d = pair
+    tx, rx, _ = move(p, d, "before")
+    assert settle(tx, rx) == [TransferStatus.DONE, TransferStatus.DONE]
+    p.backend.close()
+    p2 = Side(store, "p")                   # a new sender-side link never reuses a generation's rendezvous keys
+    d.backend.close()
+    d2 = Side(store, "d")                   # a new receiver-side link has a new token: the sender re-forms
+    try:
+        for i in range(2):
+            tx, rx, src = move(p2, d2, f"after{i}")
+            assert settle(tx, rx) == [TransferStatus.DONE, TransferStatus.DONE]
+            assert torch.equal(d2.kv[:, :, rx.block_table], p2.kv[:, :, src])
+        assert store.add("kvx/link/p/0->d/0/gen", 0) == 2
+    finally:
+        p2.backend.close()
+        d2.backend.close()
+
+
+def test_sender_lease_expires_when_receiver_never_shows_up(pair):
+    _, p, _ = pair
+    tx = p.backend.create_sender(spec("orphan", timeout_s=0.3), p.pool.allocate(3))
+    tx.all_layers_ready()
+    assert settle(tx) == [TransferStatus.FAILED]
+    assert "deadline" in tx.error and p.pool.num_free == LAYOUT.num_blocks
+
+
+def test_nothing_is_left_behind_after_mixed_outcomes(pair):
+    _, p, d = pair
+    ends = []
+    tx, rx, _ = move(p, d, "ok")
+    ends += [tx, rx]
+    tx, rx, _ = move(p, d, "cached", tokens=8, cached=d.pool.allocate(2))
+    ends += [tx, rx]
+    rx = d.backend.create_receiver(spec("aborted"))
+    tx = p.backend.create_sender(spec("aborted"), p.pool.allocate(3))
+    tx.layer_ready(0)
+    rx.abort("client gone")
+    ends += [tx, rx]
+    rx = d.backend.create_receiver(spec("lonely", timeout_s=0.3))   # no sender ever comes
+    ends.append(rx)
+    settle(*ends)
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline and (d.backend._ctx.control.num_watches or p.backend._ctx.control.num_watches
+                                           or d.backend._ctx.links.recv_link("p/0", "d/0")._ends):
+        time.sleep(0.01)
+    assert d.backend._ctx.control.num_watches == p.backend._ctx.control.num_watches == 0
+    assert d.backend._ctx.links.recv_link("p/0", "d/0")._ends == {}
+    assert p.pool.num_free == LAYOUT.num_blocks
+
+
+def test_unreachable_store_is_a_clear_error():
+    with pytest.raises(ConnectionError, match="rendezvous store"):
+        b = create_backend(KVTransferConfig(backend="torch_dist", store_port=1, connect_timeout_s=0.5),
+                           SimpleBlockPool(4))
+        b.register_kv_cache(LAYOUT.allocate(), LAYOUT)
