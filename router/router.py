@@ -23,6 +23,8 @@ from splitserve.engine.tokenizer import Detokenizer, Tokenizer
 from splitserve.kv_transfer import TransferSpec, WorkerSpec
 from splitserve.work import TokenUpdate, WorkRequest
 
+from .journal import Journal, JournalError, JournalRecord, RequestIdInUse
+from .journal_memory import MemoryJournal
 from .metrics import Metrics
 from .placement import Candidate, place
 from .request_log import RequestLog, RequestLogs
@@ -58,7 +60,8 @@ class _Request:
 
 class Router:
     def __init__(self, pools, tokenizer: Tokenizer, model_info: ModelInfo, config: RouterConfig,
-                 eos_token_ids: tuple[int, ...] = (), metrics: Metrics | None = None) -> None:
+                 eos_token_ids: tuple[int, ...] = (), metrics: Metrics | None = None,
+                 journal: Journal | None = None) -> None:
         self.pools = pools
         self._tokenizer = tokenizer
         self.info = model_info
@@ -66,6 +69,7 @@ class Router:
         self.config = config
         self.metrics = metrics or Metrics(self.model_name)
         self.logs = RequestLogs(config.log_ttl_s)
+        self.journal = journal or MemoryJournal(config.log_ttl_s)
         self.requests: dict[str, _Request] = {}
         self.salt = int(model_info.fingerprint, 16) & (2**63 - 1)
         self._tasks: list[asyncio.Task] = []
@@ -76,6 +80,7 @@ class Router:
 
     # ---- lifecycle ------------------------------------------------------------------------------------
     async def start(self) -> None:
+        await self.recover()
         for handle in self.pools.decode.values():
             self._tasks.append(asyncio.create_task(self._poll_decode(handle)))
         self._tasks.append(asyncio.create_task(self._heartbeats()))
@@ -89,10 +94,13 @@ class Router:
         self._closing = True
         for t in self._tasks:
             t.cancel()
+        durable = not isinstance(self.journal, MemoryJournal)
         for req in list(self.requests.values()):
             if req.task:
                 req.task.cancel()
-            self._finish(req, "abort", error="the server is shutting down")
+            if not durable:     # with Redis the requests stay open: the next router resumes them and clients
+                self._finish(req, "abort", error="the server is shutting down")   # resume by id + last seq
+        await asyncio.to_thread(self.journal.close)
 
     # ---- GenerationService ----------------------------------------------------------------------------
     def tokenizer(self) -> Tokenizer:
@@ -112,6 +120,13 @@ class Router:
         p = request.params
         seed = p.seed if p.seed is not None else random.getrandbits(63)
         work = WorkRequest(rid, list(request.prompt_token_ids), p, seed)
+        try:        # acknowledged only once journaled: a restarted router must find every id it handed out
+            await asyncio.to_thread(self.journal.create, JournalRecord.of_work(work, self.info.fingerprint))
+        except JournalError as e:
+            request_log.append(TokenEvent(rid, 0, [], "", True, "error", error=str(e)))   # the log expires
+            if isinstance(e, RequestIdInUse):
+                raise ServiceError("invalid_argument", f"request_id {rid!r} is already in use", "request_id")
+            raise ServiceError("unavailable", f"cannot record the request: {e}") from None
         req = _Request(work, request_log, Detokenizer(self._tokenizer, p.stop))
         self.requests[rid] = req
         req.task = asyncio.create_task(self._place(req))
@@ -145,6 +160,42 @@ class Router:
                                   "num_waiting": l.num_waiting, "num_free_blocks": l.num_free_blocks,
                                   "num_total_blocks": l.num_total_blocks, "draining": l.draining,
                                   "state": "ready" if l.healthy else "dead"} for l in loads])
+
+    # ---- router restart -------------------------------------------------------------------------------
+    async def recover(self) -> int:
+        """Rebuild every unfinished journaled request (log replayed with the same seqs) and re-place it with its
+        committed tokens; returns how many. A no-op for a fresh in-process journal."""
+        records = await asyncio.to_thread(self.journal.unfinished)
+        for rec in records:
+            rid = rec.request_id
+            if rec.fingerprint != self.info.fingerprint:
+                self.journal.finish(rid, "error", "the served model changed while the request was in flight")
+                continue
+            request_log = self.logs.create(rid)
+            if request_log is None:
+                continue                         # already live here
+            work = rec.to_work()
+            req = _Request(work, request_log, Detokenizer(self._tokenizer, rec.params.stop))
+            n_out = 0
+            for seq, tokens in rec.events():     # same grouping, so the same seqs and text deltas
+                n_out += len(tokens)
+                request_log.append(TokenEvent(rid, seq, tokens, req.detok.push(tokens),
+                                              num_prompt_tokens=len(work.prompt_token_ids), num_output_tokens=n_out))
+            if rec.token_ids:
+                req.last_token_at = time.monotonic()   # its first token was already counted
+            self.requests[rid] = req
+            p, last = work.params, work.committed_token_ids[-1:]
+            done = (len(work.committed_token_ids) >= p.max_tokens or req.detok.stopped
+                    or any((not p.ignore_eos and t in self._eos) or t in p.stop_token_ids for t in last))
+            if done:                             # the old router died between the last token and its finish
+                self._commit(req, [], finished=True,
+                             reason="length" if len(work.committed_token_ids) >= p.max_tokens else "stop")
+            else:
+                self.metrics.count_recovery()
+                req.task = asyncio.create_task(self._place(req))
+        if records:
+            log.info("recovered %d unfinished requests from the journal", len(records))
+        return len(records)
 
     # ---- placement ------------------------------------------------------------------------------------
     def _candidates(self, handles: dict) -> list[Candidate]:
@@ -243,10 +294,13 @@ class Router:
         else:
             self.metrics.observe_token(now - req.last_token_at, len(kept))
         req.last_token_at = now
-        req.log.append(TokenEvent(req.work.request_id, 0, kept, text, finished, reason if finished else None,
-                                  num_prompt_tokens=len(req.work.prompt_token_ids), num_output_tokens=n_out,
-                                  num_cached_tokens=num_cached))
+        event = TokenEvent(req.work.request_id, 0, kept, text, finished, reason if finished else None,
+                           num_prompt_tokens=len(req.work.prompt_token_ids), num_output_tokens=n_out,
+                           num_cached_tokens=num_cached)
+        req.log.append(event)                                       # numbers the event
+        self.journal.append(req.work.request_id, kept, event.seq)  # an enqueue: the stream never waits
         if finished:
+            self.journal.finish(req.work.request_id, reason or "stop")
             req.finished = True
             self.metrics.observe_finished(reason or "stop", now - req.started)
             self.requests.pop(req.work.request_id, None)
@@ -258,9 +312,12 @@ class Router:
             return
         req.finished = True
         self.requests.pop(req.work.request_id, None)
-        req.log.append(TokenEvent(req.work.request_id, 0, [], req.detok.flush(), True, reason, error=error,
-                                  num_prompt_tokens=len(req.work.prompt_token_ids),
-                                  num_output_tokens=len(req.work.committed_token_ids)))
+        event = TokenEvent(req.work.request_id, 0, [], req.detok.flush(), True, reason, error=error,
+                           num_prompt_tokens=len(req.work.prompt_token_ids),
+                           num_output_tokens=len(req.work.committed_token_ids))
+        req.log.append(event)
+        self.journal.append(req.work.request_id, [], event.seq)
+        self.journal.finish(req.work.request_id, reason, error)
         self.metrics.observe_finished(reason, time.monotonic() - req.started)
 
     async def _poll_decode(self, handle) -> None:

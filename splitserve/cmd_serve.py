@@ -137,6 +137,14 @@ async def _cluster(args, config):
     from splitserve.router.router import Router, RouterConfig
     from splitserve.router.service import ModelInfo
 
+    from splitserve.router.journal import JournalError, open_journal
+    from splitserve.settings import settings
+
+    # before Ray starts: a Redis that is down fails here within seconds, with the URL in the message
+    try:
+        journal = await asyncio.to_thread(open_journal, args.redis_url or settings.redis_url, RouterConfig().log_ttl_s)
+    except JournalError as e:
+        raise ValueError(str(e)) from None
     pool_config = PoolConfig(num_prefill=args.prefill_workers, num_decode=args.decode_workers,
                              cpus_per_worker=args.cpus_per_worker, colocated=args.colocated, kv_backend=args.kv_transfer)
     model_dir = await asyncio.to_thread(prepare_model, config.model, config.cache_dir, True)
@@ -160,7 +168,8 @@ async def _cluster(args, config):
                      fingerprint=ready["fingerprint"])
     eos = set(model_config.eos_token_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
     router = Router(pools, tokenizer, info, RouterConfig(local_prefill_threshold=args.local_prefill_threshold,
-                                                         colocated=args.colocated), eos_token_ids=tuple(eos))
+                                                         colocated=args.colocated), eos_token_ids=tuple(eos),
+                    journal=journal)
     await router.start()
 
     async def cleanup() -> None:
