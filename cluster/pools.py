@@ -48,6 +48,18 @@ class WorkerHandle:
     alive: bool = True
     draining: bool = False
     node_id: str = ""
+    hostname: str = ""
+
+    def matches(self, target: str) -> bool:
+        """`splitserve drain TARGET`: a worker id, a Ray node id, or the host name of the worker's node."""
+        return target in (self.worker_id, self.node_id, self.hostname)
+
+    def describe(self) -> dict:
+        return {"worker_id": self.worker_id, "role": self.role, "pid": self.pid, "node_id": self.node_id,
+                "hostname": self.hostname, "alive": self.alive, "draining": self.draining}
+
+    def note_ready(self, info: dict) -> None:
+        self.pid, self.node_id, self.hostname = info["pid"], info["node_id"], info["hostname"]
 
 
 @dataclass
@@ -72,8 +84,7 @@ class WorkerPools:
         for _ in range(0 if pc.colocated else pc.num_prefill):
             self.add_worker("prefill", wait=False)
         for handle in self.all():
-            info = ray.get(handle.actor.ready.remote())
-            handle.pid = info["pid"]
+            handle.note_ready(ray.get(handle.actor.ready.remote()))
 
     def all(self) -> list[WorkerHandle]:
         return list(self.prefill.values()) + list(self.decode.values())
@@ -100,7 +111,7 @@ class WorkerPools:
         handle = WorkerHandle(worker_id, role, actor, pg)
         (self.prefill if role == "prefill" else self.decode)[worker_id] = handle
         if wait:
-            handle.pid = ray.get(actor.ready.remote())["pid"]
+            handle.note_ready(ray.get(actor.ready.remote()))
         return handle
 
     def _bundle(self, role: str) -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from dataclasses import dataclass
 
 from splitserve.engine.config import EngineConfig
@@ -27,8 +28,11 @@ class WorkerActorBase:
     worker = None
 
     async def ready(self) -> dict:
+        import ray
+
         return {"worker_id": self.worker.worker_id, "pid": os.getpid(), "role": self.worker.role,
-                "fingerprint": self.worker.engine.runner.fingerprint}
+                "fingerprint": self.worker.engine.runner.fingerprint, "hostname": socket.gethostname(),
+                "node_id": ray.get_runtime_context().get_node_id()}
 
     async def load(self):
         return await asyncio.wrap_future(self.worker.call(self.worker.load))

@@ -25,5 +25,8 @@ class DecodeWorkerActor(WorkerActorBase):
     async def begin_decode(self, request_id: str, first_token: int) -> bool:
         return await asyncio.wrap_future(self.worker.call(self.worker.begin_decode, request_id, first_token))
 
+    async def migrate_out(self, request_id: str, spec: TransferSpec):
+        return await asyncio.wrap_future(self.worker.call(self.worker.migrate_out, request_id, spec))
+
     async def submit_local(self, req: WorkRequest) -> None:
         return await asyncio.wrap_future(self.worker.call(self.worker.submit_local, req))

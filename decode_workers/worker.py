@@ -6,6 +6,8 @@
     submit_local(req) ──> waiting queue (short or fully cached prompts: prefilled here) ──────────┘
     every step: one list of TokenUpdate for all requests ──> outbox ──> router's poll_outputs()
     receiver FAILED ──> TokenUpdate(error=...) ──> the router re-places the request
+    drain: migrate_out(rid, spec) ──> detach from the batch, send its live KV to another decode worker
+           (which expect()s it like a prefill) ──> the router hands the stream over, no recompute
 
 Plain Python: the Ray actor in `actor.py` only forwards calls to it.
 """
@@ -19,10 +21,11 @@ from dataclasses import dataclass
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.sequence import Sequence
-from splitserve.kv_transfer import KVReceiver, KVTransferConfig, TransferSpec, TransferStatus, create_backend
+from splitserve.kv_transfer import (KVReceiver, KVSender, KVTransferConfig, TransferSpec, TransferStatus,
+                                    create_backend)
 from splitserve.kv_transfer.engine_pool import EngineBlockPool
 from splitserve.step_loop import StepLoop
-from splitserve.work import TokenUpdate, WorkerLoad, WorkRequest
+from splitserve.work import MigrationState, TokenUpdate, WorkerLoad, WorkRequest
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,8 @@ class DecodeWorker(StepLoop):
         self.kv = create_backend(kv_config, EngineBlockPool(self.engine.block_manager))
         self.kv.register_kv_cache(self.engine.runner.kv_cache, self.engine.runner.layout)
         self.incoming: dict[str, _Incoming] = {}
+        self.attempts: dict[str, int] = {}          # request id -> placement attempt, stamped on its updates
+        self.outgoing: dict[str, KVSender] = {}     # live KV of migrated requests, until the peer confirms
         self.draining = False
 
     # ---- commands (run on the loop thread through `call`) --------------------------------------------
@@ -61,6 +66,7 @@ class DecodeWorker(StepLoop):
             self.engine.block_manager.free(seq)
             raise
         self.incoming[req.request_id] = _Incoming(req, seq, rx)
+        self.attempts[req.request_id] = req.attempt
         return seq.num_cached_tokens
 
     def begin_decode(self, request_id: str, first_token: int) -> bool:
@@ -71,10 +77,12 @@ class DecodeWorker(StepLoop):
         return True
 
     def submit_local(self, req: WorkRequest) -> None:
+        self.attempts[req.request_id] = req.attempt
         self.engine.add_request(req.request_id, req.prompt_token_ids, dataclasses.replace(req.params, seed=req.seed),
                                 committed_token_ids=req.committed_token_ids)
 
     def abort(self, request_id: str) -> bool:
+        self.attempts.pop(request_id, None)
         inc = self.incoming.pop(request_id, None)
         if inc is not None:
             inc.receiver.abort("request aborted")
@@ -82,6 +90,36 @@ class DecodeWorker(StepLoop):
             self.engine.block_manager.free(inc.seq)
             return True
         return self.engine.abort(request_id)
+
+    def migrate_out(self, request_id: str, spec: TransferSpec) -> MigrationState | None:
+        """Stop decoding `request_id` here and start sending the KV of its computed tokens to `spec.dst`.
+        Returns what the destination needs to continue (None: the request is not running here any more)."""
+        seq = self.engine.detach(request_id)
+        if seq is None:
+            return None
+        self.attempts.pop(request_id, None)
+        bm = self.engine.block_manager
+        computed = seq.num_computed_tokens           # the last sampled token has no KV yet: it decodes next
+        blocks = seq.block_table[:bm.blocks_needed(computed)]
+        spec = dataclasses.replace(spec, num_tokens=computed)
+        bm.pin_blocks(blocks)                        # the sender's lease; released on DONE / FAILED / expiry
+        try:
+            sender = self.kv.create_sender(spec, blocks)
+        except BaseException:
+            bm.free_blocks(blocks)
+            bm.free(seq)
+            raise
+        bm.free(seq)
+        sender.all_layers_ready()
+        self.outgoing[request_id] = sender
+        return MigrationState(list(seq.token_ids), seq.num_prompt_tokens, computed)
+
+    def _poll_outgoing(self) -> None:
+        for rid, sender in list(self.outgoing.items()):
+            if sender.poll().terminal:
+                if sender.error:
+                    log.warning("migration of %s ended: %s", rid, sender.error)
+                del self.outgoing[rid]
 
     def load(self) -> WorkerLoad:
         e = self.engine
@@ -92,10 +130,15 @@ class DecodeWorker(StepLoop):
 
     # ---- the loop -------------------------------------------------------------------------------------
     def tick(self) -> bool:
+        self._poll_outgoing()
         updates = self._admit_arrived()
         outputs = self.engine.step() if self.engine.has_unfinished else []
         updates += [TokenUpdate(o.request_id, o.new_token_ids, o.finished, o.finish_reason,
-                                num_cached_tokens=o.num_cached_tokens) for o in outputs]
+                                num_cached_tokens=o.num_cached_tokens, attempt=self.attempts.get(o.request_id, 0))
+                    for o in outputs]
+        for o in outputs:
+            if o.finished:
+                self.attempts.pop(o.request_id, None)
         self.emit(updates)
         return bool(outputs) or bool(self.incoming and updates)
 
@@ -106,7 +149,8 @@ class DecodeWorker(StepLoop):
             if status is TransferStatus.FAILED:
                 del self.incoming[rid]
                 self.engine.block_manager.free(inc.seq)
-                failed.append(TokenUpdate(rid, [], error=f"KV transfer failed: {inc.receiver.error}"))
+                failed.append(TokenUpdate(rid, [], error=f"KV transfer failed: {inc.receiver.error}",
+                                          attempt=self.attempts.pop(rid, 0)))
             elif status is TransferStatus.DONE and inc.first_token is not None:
                 del self.incoming[rid]
                 req, seq = inc.request, inc.seq

@@ -115,6 +115,18 @@ class LLMEngine:
         detok.emitted = len(detok.text)
         self._detok[request_id] = detok
 
+    def detach(self, request_id: str) -> Sequence | None:
+        """Take a running request out of this engine without freeing its blocks (live migration hands its KV to
+        another worker, then frees them). None if it is not running here."""
+        seq = self._seqs.get(request_id)
+        if seq is None or seq not in self.scheduler.running:
+            return None
+        if seq.num_computed_tokens != seq.num_tokens - 1:
+            raise ValueError(f"{request_id} is still prefilling; it can only be moved by recompute")
+        self.scheduler.running.remove(seq)
+        self._forget(request_id)
+        return seq
+
     def seed_of(self, request_id: str) -> int:
         return self._seeds[request_id]
 

@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .auth import HTTPAuthMiddleware
+from .http_admin import install_admin_routes
 from .http_errors import DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware, error_response, install_error_handlers
 from .http_streaming import ClientGone, collect, sse_events
 from .metrics import CONTENT_TYPE, Metrics
@@ -86,6 +87,7 @@ def create_app(service: GenerationService, metrics: Metrics | None = None, api_k
         metrics.set_load(service.load())
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
+    install_admin_routes(app, service)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     if api_key:
         app.add_middleware(HTTPAuthMiddleware, api_key=api_key)    # added last: runs first

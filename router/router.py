@@ -42,6 +42,7 @@ class RouterConfig:
     heartbeat_timeout_s: float = 10.0
     colocated: bool = False
     log_ttl_s: float = 300.0
+    migration_timeout_s: float = 10.0     # deadline of one live KV migration
 
 
 @dataclass(slots=True)
@@ -161,6 +162,45 @@ class Router:
                                   "num_total_blocks": l.num_total_blocks, "draining": l.draining,
                                   "state": "ready" if l.healthy else "dead"} for l in loads])
 
+    # ---- drain and migration (router/migration.py) ----------------------------------------------------
+    async def drain(self, target: str, deadline_s: float) -> dict:
+        from .migration import drain
+
+        return (await drain(self, target, deadline_s)).to_dict()
+
+    async def add_worker(self, role: str) -> dict:
+        """Grow a pool while serving: the new worker loads its model, then starts receiving work."""
+        role = "colocated" if role == "decode" and self.config.colocated else role
+        handle = await asyncio.to_thread(self.pools.add_worker, role)
+        self.attach_worker(handle)
+        return handle.describe()
+
+    async def remove_worker(self, worker_id: str, deadline_s: float) -> dict:
+        """Shrink a pool while serving: drain the worker (its requests move), then stop it."""
+        report = await self.drain(worker_id, deadline_s)
+        await asyncio.to_thread(self.pools.remove_worker, worker_id)
+        return report
+
+    def workers(self) -> list[dict]:
+        return [h.describe() for h in self.pools.all()]
+
+    def decode_candidates(self) -> list[Candidate]:
+        return self._candidates(self.pools.decode)
+
+    def prefill_inflight(self, worker_id: str) -> bool:
+        return self._inflight_prefill.get(worker_id, 0) > 0
+
+    def work_for(self, req: _Request, committed_upto: int) -> WorkRequest:
+        w = req.work
+        return WorkRequest(w.request_id, w.prompt_token_ids, w.params, w.seed,
+                           list(w.committed_token_ids[:committed_upto]), w.attempt)
+
+    async def replace(self, req: _Request, avoid: str | None = None) -> None:
+        """Recompute path: drop the request where it is and place it again with its committed tokens."""
+        await self._release(req)
+        if not req.finished:
+            req.task = asyncio.create_task(self._place(req))
+
     # ---- router restart -------------------------------------------------------------------------------
     async def recover(self) -> int:
         """Rebuild every unfinished journaled request (log replayed with the same seqs) and re-place it with its
@@ -188,7 +228,7 @@ class Router:
             done = (len(work.committed_token_ids) >= p.max_tokens or req.detok.stopped
                     or any((not p.ignore_eos and t in self._eos) or t in p.stop_token_ids for t in last))
             if done:                             # the old router died between the last token and its finish
-                self._commit(req, [], finished=True,
+                self.commit(req, [], finished=True,
                              reason="length" if len(work.committed_token_ids) >= p.max_tokens else "stop")
             else:
                 self.metrics.count_recovery()
@@ -250,9 +290,10 @@ class Router:
             token, hits = await p.actor.prefill.remote(req.work, spec)
         finally:
             self._inflight_prefill[prefill_id] -= len(req.work.token_ids)
-        self._commit(req, [token], num_cached=hits)
+        self.commit(req, [token], num_cached=hits)
         if not req.finished:
             await d.actor.begin_decode.remote(req.work.request_id, token)
+            req.prefill = None                   # from here on the request no longer depends on the prefill worker
 
     async def _release(self, req: _Request) -> None:
         """Tell the workers holding the request to drop it (frees their blocks); errors mean they are gone."""
@@ -265,10 +306,10 @@ class Router:
                     pass
 
     # ---- tokens ---------------------------------------------------------------------------------------
-    def _commit(self, req: _Request, token_ids: list[int], finished: bool = False, reason: str | None = None,
+    def commit(self, req: _Request, token_ids: list[int], finished: bool = False, reason: str | None = None,
                 num_cached: int = 0) -> None:
-        if req.finished:
-            return
+        if req.finished or (not token_ids and not finished):
+            return                     # an event carries tokens or ends the stream: seqs stay contiguous
         now = time.monotonic()
         p = req.work.params
         eos = self._eos
@@ -332,13 +373,13 @@ class Router:
                 return
             for u in updates:
                 req = self.requests.get(u.request_id)
-                if req is None or req.decode != handle.worker_id:
-                    continue                     # stale: the request moved or ended
+                if req is None or req.decode != handle.worker_id or u.attempt != req.work.attempt:
+                    continue                     # stale: the request moved, was re-placed, or ended
                 if u.error:
                     log.warning("%s on %s: %s", u.request_id, handle.worker_id, u.error)
                     req.task = asyncio.create_task(self._place(req))
                     continue
-                self._commit(req, u.token_ids, u.finished, u.finish_reason, u.num_cached_tokens)
+                self.commit(req, u.token_ids, u.finished, u.finish_reason, u.num_cached_tokens)
 
     # ---- health ---------------------------------------------------------------------------------------
     async def _heartbeats(self) -> None:

@@ -31,6 +31,7 @@ class TokenUpdate:
     finish_reason: str | None = None
     error: str | None = None          # the worker could not continue this request (router re-places it)
     num_cached_tokens: int = 0
+    attempt: int = 0                  # the placement this update belongs to: older ones are stale
 
 
 @dataclass(slots=True)
@@ -47,3 +48,11 @@ class WorkerLoad:
     num_preemptions: int = 0
     draining: bool = False
     healthy: bool = True
+
+
+@dataclass(slots=True)
+class MigrationState:
+    """A request detached from a draining decode worker: its tokens and how many of them have KV."""
+    token_ids: list[int]              # prompt + every generated token, including the one not yet decoded
+    num_prompt_tokens: int
+    num_computed_tokens: int          # the KV being sent covers token_ids[:num_computed_tokens]

@@ -1,0 +1,86 @@
+"""`splitserve chaos`: load a live cluster while SIGKILLing or draining its workers, then check that no request
+was lost, duplicated or changed, that KV blocks, Ray resources and processes are back to baseline, and report
+the recovery stalls. The logic is in `bench/chaos_run.py` (importable as `splitserve.bench.chaos_run`).
+
+    splitserve chaos --duration 120 --kill-every 30 --mode mixed             # launches `serve` itself
+    splitserve chaos --url http://host:8000 --grpc host:50051 --mode drain --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(sub) -> None:
+    p = sub.add_parser("chaos", help="faults under load (SIGKILL / drain workers), then check the invariants")
+    add_arguments(p)
+    p.set_defaults(run=run)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from splitserve.bench.chaos_run import DEFAULT_LAUNCH, MODES, REFERENCES, VICTIMS
+
+    p.add_argument("--duration", type=float, default=120.0, help="seconds of load (default 120)")
+    p.add_argument("--kill-every", type=float, default=30.0, help="seconds between faults (default 30)")
+    p.add_argument("--mode", choices=MODES, default="mixed", help="kill: SIGKILL; drain: POST /admin/drain; "
+                                                                  "mixed: alternate, starting with a kill")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--url", default=None, help="a running server's HTTP address (http://host:8000)")
+    where.add_argument("--launch", default=DEFAULT_LAUNCH, metavar="ARGS",
+                       help=f"launch `splitserve serve ARGS` and stop it afterwards (default: {DEFAULT_LAUNCH!r})")
+    p.add_argument("--grpc", default=None, help="with --url: its gRPC host:port (default: the URL's host, :50051)")
+    p.add_argument("--concurrency", type=int, default=4, help="client streams at a time (default 4)")
+    p.add_argument("--prompt-tokens", type=int, default=448, help="prompt length in tokens (default 448)")
+    p.add_argument("--max-tokens", type=int, default=64, help="new tokens per request (default 64)")
+    p.add_argument("--victims", choices=VICTIMS, default="any", help="which workers faults may hit (default any)")
+    p.add_argument("--drain-deadline", type=float, default=30.0, help="deadline_s of each drain (default 30)")
+    p.add_argument("--seed", type=int, default=0, help="prompts, sampling seeds and victims (default 0)")
+    p.add_argument("--reference", choices=REFERENCES, default="replay",
+                   help="fault-free outputs: replay on the same server afterwards, or a local engine")
+    p.add_argument("--dtype", default="float32", help="the local reference engine's dtype (default float32)")
+    p.add_argument("--request-timeout", type=float, default=300.0)
+    p.add_argument("--idle-timeout", type=float, default=120.0, help="wait this long for the cluster to be idle")
+    p.add_argument("--api-key", default=None, help="the server's API key (default: $SPLITSERVE_API_KEY)")
+    p.add_argument("--ray-address", default=None, help="with --url: the cluster's GCS host:port (Ray checks)")
+    p.add_argument("--log-dir", default=None, help="where the launched server's log goes (default: temp dir)")
+
+
+def config_from(args: argparse.Namespace):
+    from splitserve.bench.chaos_run import ChaosConfig
+    from splitserve.settings import settings
+
+    return ChaosConfig(duration_s=args.duration, kill_every_s=args.kill_every, mode=args.mode, url=args.url,
+                       grpc=args.grpc, launch=args.launch, concurrency=args.concurrency,
+                       prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, victims=args.victims,
+                       drain_deadline_s=args.drain_deadline, seed=args.seed, reference=args.reference,
+                       dtype=args.dtype, request_timeout_s=args.request_timeout, idle_timeout_s=args.idle_timeout,
+                       api_key=args.api_key or settings.api_key, ray_address=args.ray_address, log_dir=args.log_dir)
+
+
+def run(args: argparse.Namespace) -> int:
+    from splitserve.bench.chaos_run import render, run_chaos, to_json
+
+    cfg = config_from(args)
+    report = run_chaos(cfg, progress=lambda msg: print(f"splitserve chaos: {msg}", file=sys.stderr, flush=True))
+    print(to_json(report) if args.json else render(report), flush=True)
+    return 0 if report["ok"] else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m splitserve.cmd_chaos ...`: the same command without going through `splitserve`."""
+    parser = argparse.ArgumentParser(prog="splitserve chaos", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except ValueError as e:
+        print(f"splitserve chaos: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
