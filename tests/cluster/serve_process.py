@@ -19,8 +19,8 @@ def free_port() -> int:
 
 
 class ServeProcess:
-    def __init__(self, *args: str, timeout: float = 240.0) -> None:
-        self.http_port, self.grpc_port = free_port(), free_port()
+    def __init__(self, *args: str, timeout: float = 240.0, ports: tuple[int, int] | None = None) -> None:
+        self.http_port, self.grpc_port = ports or (free_port(), free_port())
         cmd = [sys.executable, "-m", "splitserve.cli", "serve", "--host", "127.0.0.1",
                "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port), *args]
         self.log = open(f"/tmp/splitserve-serve-{self.http_port}.log", "w+")
@@ -46,6 +46,11 @@ class ServeProcess:
 
     def metrics(self) -> str:
         return httpx.get(self.url + "/metrics", timeout=10).text
+
+    def kill(self) -> None:
+        """SIGKILL the router process alone (a crash): its workers die with it, as non-detached actors do."""
+        self.proc.kill()
+        self.proc.wait(30)
 
     def stop(self, timeout: float = 90.0) -> int:
         if self.proc.poll() is None:
