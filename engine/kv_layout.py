@@ -63,11 +63,10 @@ class KVLayout:
 
 
 def kv_head_range(total_kv_heads: int, tp_size: int, rank: int) -> range:
-    if total_kv_heads >= tp_size:
-        if total_kv_heads % tp_size:
-            raise ValueError(f"num_kv_heads={total_kv_heads} is not divisible by tp={tp_size}")
-        per = total_kv_heads // tp_size
-        return range(rank * per, (rank + 1) * per)
+    if total_kv_heads >= tp_size:      # uneven splits give the first ranks one head more (3 heads, tp=2: 2 + 1)
+        per, extra = divmod(total_kv_heads, tp_size)
+        start = rank * per + min(rank, extra)
+        return range(start, start + per + (rank < extra))
     if tp_size % total_kv_heads:
         raise ValueError(f"tp={tp_size} is not a multiple of num_kv_heads={total_kv_heads}")
     head = rank // (tp_size // total_kv_heads)

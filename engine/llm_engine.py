@@ -12,6 +12,7 @@ from typing import Callable
 
 from .block_manager import BlockManager
 from .config import EngineConfig
+from .layer_parallel import compose, layer_parallel_transform
 from .loader.resolve import prepare_model
 from .model_runner import ModelRunner
 from .sampling_params import SamplingParams
@@ -51,7 +52,9 @@ class LLMEngine:
         model_dir = prepare_model(config.model, config.cache_dir, verbose=config.verbose)
         self.model_dir = model_dir
         self.tokenizer = Tokenizer(model_dir)
-        self.runner = ModelRunner(config, model_dir, model_transform=model_transform)
+        # tensor parallelism first, then layer pairs (pairing twice is a no-op, so TPEngine may pass both)
+        transform = compose(model_transform, layer_parallel_transform(config.layer_parallel))
+        self.runner = ModelRunner(config, model_dir, model_transform=transform)
         self.model_config = self.runner.model_config
         salt = int(self.runner.fingerprint, 16) & (2**63 - 1)
         self.block_manager = BlockManager(self.runner.layout.num_blocks, config.block_size, salt=salt)

@@ -5,6 +5,8 @@ The KV cache tensor created here is the same tensor kv_transfer registers for se
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from pathlib import Path
 from typing import Callable
 
@@ -35,6 +37,7 @@ class ModelRunner:
             self.model = model_transform(self.model)
         if can_pack_linears(self.device, self.dtype):   # last: packed weights are opaque to transforms
             pack_linears(self.model)
+        _return_freed_memory()
         self.layout = self._kv_layout()
         self.kv_cache = self.layout.allocate(self.device)
         self.backend = get_attention_backend(config.attention_backend, self.device)
@@ -119,6 +122,16 @@ class ModelRunner:
         input_ids, positions, meta = self.prepare(batch)
         hidden = self.model(input_ids, positions, ForwardContext(self.kv_cache, meta, self.backend))
         return self.model.compute_logits(hidden)
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap pages freed while loading (float32 checkpoint tensors, weights replaced by packed ones) back
+    to the OS: glibc keeps them otherwise, ~200 MiB of resident memory nothing uses. No-op off glibc."""
+    libc_name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(libc_name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
 
 
 def greedy_tokens(logits: torch.Tensor, chunk: int = 1024) -> list[int]:

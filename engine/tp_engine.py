@@ -13,7 +13,8 @@ follower waiting for the next step in a broadcast would time out whenever the en
 unbounded, and ends (EOF) when rank 0 dies. Everything that can fail inside a step (a follower died or hangs)
 surfaces at rank 0 as a TPRankError within the group's timeout.
 
-In a cluster a Ray actor per rank wraps `FollowerRank` and delivers the `StepHeader` by a method call instead.
+In a cluster a Ray actor per rank wraps `FollowerRank`, and rank 0 reaches the followers through another
+`Followers` (e.g. a Ray actor call that delivers the `StepHeader`) instead of `FollowerProcesses`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import uuid
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Protocol
 
 import torch
 
@@ -98,8 +99,8 @@ class FollowerRank:
         self.runner, self.group = runner, group
 
     def report_ready(self) -> None:
-        """Meet rank 0 once loaded; also checks that every rank has the same number of KV blocks."""
-        tp_dist.gather(torch.tensor([self.runner.layout.num_blocks], device=self.runner.device), self.group)
+        """Meet rank 0 once loaded (see `meet_ranks`)."""
+        meet_ranks(self.runner, self.group)
 
     @torch.inference_mode()
     def run(self, header: StepHeader, on_layer_done: Callable[[int], None] | None = None) -> None:
@@ -129,16 +130,32 @@ class FollowerRank:
             self.run(header)
 
 
+def meet_ranks(runner: ModelRunner, group) -> None:
+    """Every rank calls this once its model is loaded: rank 0 learns that all are ready, and that all have the
+    same number of KV blocks (rank 0's block tables index every rank's cache)."""
+    blocks = tp_dist.gather(torch.tensor([runner.layout.num_blocks], device=runner.device), group)
+    if blocks is not None and len({int(b) for b in blocks}) != 1:
+        raise TPRankError(f"ranks disagree on the number of KV blocks: {[int(b) for b in blocks]}")
+
+
 # ---- rank 0 ------------------------------------------------------------------------------------------------------
+class Followers(Protocol):
+    """How rank 0 reaches ranks 1..N-1 outside the group: subprocess pipes here, Ray actor calls in a cluster."""
+
+    def send(self, header: StepHeader) -> None: ...            # wake every follower for one step
+
+    def check(self) -> None: ...                               # raise TPRankError if a follower is known dead
+
+    def failure(self, error: BaseException, timeout_s: float) -> TPRankError: ...   # explain a failed collective
+
+
 class FollowerProcesses:
     """The spawned ranks 1..N-1 and the pipes that wake them."""
 
     def __init__(self, specs: list[dict]) -> None:
         self.procs: list[subprocess.Popen] = []
         for spec in specs:
-            env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"] or os.environ.get("OMP_NUM_THREADS", "")))
-            if not env["OMP_NUM_THREADS"]:
-                del env["OMP_NUM_THREADS"]
+            env = dict(os.environ, **({"OMP_NUM_THREADS": str(spec["threads"])} if spec["threads"] else {}))
             self.procs.append(subprocess.Popen([sys.executable, "-m", "splitserve.engine.tp_engine", json.dumps(spec)],
                                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env))
 
@@ -165,8 +182,8 @@ class FollowerProcesses:
             self.check(wait_s=2.0)
         except TPRankError as dead:
             return dead
-        return TPRankError(f"a tensor-parallel rank did not answer within {timeout_s:g}s ({error}); "
-                           "this engine cannot continue")
+        return TPRankError(f"tensor-parallel step failed with every rank alive ({error}); a rank that hangs fails "
+                           f"the collective after {timeout_s:g}s; this engine cannot continue")
 
     def stop(self, timeout_s: float = 5.0) -> None:
         for p in self.procs:
@@ -188,7 +205,7 @@ class FollowerProcesses:
 class DriverRunner:
     """Rank 0's runner: announces each step to the followers, then runs it as the plain ModelRunner does."""
 
-    def __init__(self, runner: ModelRunner, group, followers: FollowerProcesses, timeout_s: float) -> None:
+    def __init__(self, runner: ModelRunner, group, followers: Followers, timeout_s: float) -> None:
         self.runner, self.group, self.followers, self.timeout_s = runner, group, followers, timeout_s
         self.failed: TPRankError | None = None
 
@@ -226,7 +243,7 @@ class TPEngine(LLMEngine):
         if config.tp < 2:
             raise ValueError(f"TPEngine needs tp >= 2, got tp={config.tp}; use LLMEngine")
         model_dir = prepare_model(config.model, config.cache_dir, verbose=config.verbose)
-        config = _uniform_kv_blocks(config, model_dir)
+        config = uniform_kv_blocks(config, model_dir)
         on_cpu = torch.device(config.device).type == "cpu"
         threads = threads_per_rank or (max(1, (os.cpu_count() or 1) // config.tp) if on_cpu else None)
         store = tp_dist.host_store(timeout_s=timeout_s)
@@ -244,14 +261,12 @@ class TPEngine(LLMEngine):
                 torch.set_num_threads(threads)
             group = tp_dist.new_group(store, 0, config.tp, config.device, timeout_s, prefix)
             super().__init__(config, model_transform=rank_transform(group, config))
-            blocks = tp_dist.gather(torch.tensor([self.runner.layout.num_blocks], device=self.runner.device), group)
+            meet_ranks(self.runner, group)
         except Exception as e:
-            error = self.followers.failure(e, timeout_s) if type(e) is RuntimeError else e   # Gloo/NCCL errors
+            collective = isinstance(e, RuntimeError) and not isinstance(e, TPRankError)     # Gloo/NCCL errors
+            error = self.followers.failure(e, timeout_s) if collective else e
             self.close()
             raise error from (e if error is not e else None)
-        if len({int(b) for b in blocks}) != 1:
-            self.close()
-            raise TPRankError(f"ranks disagree on the number of KV blocks: {[int(b) for b in blocks]}")
         self.group, self._store = group, store
         self.runner = DriverRunner(self.runner, group, self.followers, timeout_s)
 
@@ -280,7 +295,7 @@ def _rank_device(device: str, rank: int) -> str:
     return f"cuda:{base + rank}"
 
 
-def _uniform_kv_blocks(config: EngineConfig, model_dir: Path) -> EngineConfig:
+def uniform_kv_blocks(config: EngineConfig, model_dir: Path) -> EngineConfig:
     """Pin num_kv_blocks so every rank has the same blocks (rank 0's block tables index every rank's cache):
     what kv_cache_memory_gb holds on the rank with the most KV heads."""
     if config.num_kv_blocks:

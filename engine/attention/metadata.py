@@ -25,8 +25,9 @@ class AttentionMetadata:
     block_tables: torch.Tensor      # int32 [B, max_blocks], padded with 0 (never read past context_lens)
     slot_mapping: torch.Tensor      # int64 [num_tokens], where each new token's K/V is stored
     block_size: int
-    # what a backend derives from the fields above once per step and reuses in every layer (see `per_step`)
-    step_cache: dict = field(default_factory=dict, repr=False, compare=False)
+    # what a backend derives from the fields above once per step and reuses in every layer (see `per_step`);
+    # init=False: a dataclasses.replace() copy starts empty instead of sharing stale entries
+    step_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def per_step(self, key: str, build: Callable[[], T]) -> T:
         """`build()` on the first call with `key` for this batch, the cached value afterwards: a backend's index

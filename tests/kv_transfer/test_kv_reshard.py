@@ -41,7 +41,11 @@ def test_every_receiver_head_comes_from_exactly_one_holder(heads, src_tp, dst_tp
         assert src.start <= p.head_start and p.head_end <= src.stop
 
 
-def test_tp_degree_the_layout_contract_rejects_is_an_error():
-    # SmolLM2 has 3 KV heads: kv_head_range has no split for TP=2 (neither divides the other)
-    with pytest.raises(ValueError, match="not divisible"):
-        plan_pulls(3, 2, 1)
+@pytest.mark.parametrize("src_tp, dst_tp", [(2, 1), (1, 2)])
+def test_smollm2_three_kv_heads_split_unevenly_across_two_ranks(src_tp, dst_tp):
+    # SmolLM2 has 3 KV heads: at TP=2 rank 0 holds heads {0, 1} and rank 1 holds {2}
+    assert [list(kv_head_range(3, 2, r)) for r in range(2)] == [[0, 1], [2]]
+    pulls = plan_pulls(3, src_tp, dst_tp)
+    for r in range(dst_tp):
+        got = sorted(h for p in pulls if p.dst_rank == r for h in range(p.head_start, p.head_end))
+        assert got == list(kv_head_range(3, dst_tp, r))
