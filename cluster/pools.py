@@ -124,9 +124,17 @@ class WorkerPools:
             bundle[node_resource] = 0.001
         return bundle
 
+    def release_resources(self, handle: WorkerHandle) -> None:
+        """A dead worker's placement group goes back to the cluster (the handle stays, listed as dead)."""
+        from ray.util.placement_group import remove_placement_group
+
+        try:
+            remove_placement_group(handle.placement_group)
+        except Exception as e:   # already removed
+            log.debug("placement group of %s: %s", handle.worker_id, e)
+
     def remove_worker(self, worker_id: str) -> None:
         import ray
-        from ray.util.placement_group import remove_placement_group
 
         handle = self.prefill.pop(worker_id, None) or self.decode.pop(worker_id, None)
         if handle is None:
@@ -137,7 +145,7 @@ class WorkerPools:
         except Exception:  # already dead: nothing to shut down
             pass
         ray.kill(handle.actor, no_restart=True)
-        remove_placement_group(handle.placement_group)
+        self.release_resources(handle)
 
     def shutdown(self) -> None:
         for handle in self.all():

@@ -47,7 +47,8 @@ def local_node_id(gcs_address: str | None = None) -> str:
     address = gcs_address or ray.get_runtime_context().gcs_address
     mine = {ray.util.get_node_ip_address(), "127.0.0.1"}
     nodes = ray._raylet.GcsClient(address=address).get_all_node_info(timeout=GCS_TIMEOUT_S)
-    alive = [nid.hex() for nid, info in nodes.items() if info.state == GcsNodeInfo.ALIVE and info.node_manager_address in mine]
+    alive = [nid.hex() for nid, info in nodes.items()
+             if info.state == GcsNodeInfo.ALIVE and info.node_manager_address in mine]
     if len(alive) != 1:
         raise MetadataError(f"cannot tell this host's Ray node ({len(alive)} live nodes at {sorted(mine)}); "
                             "pass --node-id")

@@ -1,7 +1,11 @@
-"""`splitserve watch-preemption --cloud aws|gcp|azure|ray --router URL`: a small process per node that waits for
+"""Acting on preemption notices.
+
+`splitserve watch-preemption --cloud aws|gcp|azure|ray --router URL`: a small process per node that waits for
 the cloud's preemption notice and then drains the node through the router, with the same HTTP call as
 `splitserve drain $(hostname) --deadline D` (D from the notice). It exits once the router has answered (0) or the
 deadline has passed without a router to answer (1); run it under a supervisor that restarts it.
+
+`start_router_watchers(router, loop, cloud)`: the same inside `splitserve serve`, plus Ray's node drain.
 """
 
 from __future__ import annotations
@@ -84,3 +88,32 @@ def drain_through_router(router: str, target: str, deadline_s: float, api_key: s
             log.warning("%s; retrying", e)
             time.sleep(1.0)
             args.deadline = round(max(1.0, end - time.monotonic()), 3)
+
+
+def start_router_watchers(router, loop, cloud: str = "none", *, metadata_url: str | None = None,
+                          poll_interval_s: float = 2.0, ray_drain: bool = True,
+                          draining_nodes=None) -> list:
+    """Inside `splitserve serve` (cluster mode): drain through `router.drain` on the router's event loop `loop`
+      - every Ray node that starts draining (`ray drain-node`, the autoscaler, KubeRay): the workers on it;
+      - with `cloud` (aws|gcp|azure): this host's preemption notice: the workers on this host.
+    Returns the started watcher threads (call `.stop()` on each at shutdown)."""
+    import asyncio
+
+    def drain(target: str, deadline_s: float) -> None:
+        future = asyncio.run_coroutine_threadsafe(router.drain(target, deadline_s), loop)
+        try:
+            log.warning("drained %s: %s", target, future.result(deadline_s + 30))
+        except LookupError:               # nothing of ours runs there
+            log.info("no splitserve worker on %s to drain", target)
+
+    watchers = []
+    if ray_drain:
+        from .preemption_ray import RayDrainWatcher
+
+        watchers.append(RayDrainWatcher(drain, poll_interval_s=1.0, draining_nodes=draining_nodes))
+    if cloud != "none":
+        host = socket.gethostname()
+        watchers.append(PreemptionWatcher(cloud, metadata_url, poll_interval_s, lambda d: drain(host, d)))
+    for w in watchers:
+        w.start()
+    return watchers

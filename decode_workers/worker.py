@@ -29,6 +29,8 @@ from splitserve.work import MigrationState, TokenUpdate, WorkerLoad, WorkRequest
 
 log = logging.getLogger(__name__)
 
+PENDING = "pending"        # migrate_out: the request's KV is still arriving here
+
 
 @dataclass(slots=True)
 class _Incoming:
@@ -91,9 +93,12 @@ class DecodeWorker(StepLoop):
             return True
         return self.engine.abort(request_id)
 
-    def migrate_out(self, request_id: str, spec: TransferSpec) -> MigrationState | None:
+    def migrate_out(self, request_id: str, spec: TransferSpec) -> MigrationState | str | None:
         """Stop decoding `request_id` here and start sending the KV of its computed tokens to `spec.dst`.
-        Returns what the destination needs to continue (None: the request is not running here any more)."""
+        Returns what the destination needs to continue; PENDING while its own KV is still arriving (ask again);
+        None when it is not decoding here."""
+        if request_id in self.incoming:
+            return PENDING
         seq = self.engine.detach(request_id)
         if seq is None:
             return None

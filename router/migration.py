@@ -19,6 +19,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from splitserve.decode_workers.worker import PENDING
 from splitserve.kv_transfer import TransferSpec, WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -86,13 +87,19 @@ async def _move(router, req, source, end: float) -> bool:
 
 async def _live(router, req, source, dst_id: str) -> bool:
     rid = req.work.request_id
-    req.placements += 1
-    attempt = req.work.attempt = req.placements - 1
+    if req.task is not None and not req.task.done():
+        await asyncio.wait([req.task])     # still being placed: migrate once it is decoding
+    attempt = req.placements               # the next placement's number
     spec = TransferSpec(rid, WorkerSpec(source.worker_id), WorkerSpec(dst_id), num_tokens=1, attempt=attempt,
                         timeout_s=router.config.migration_timeout_s)
     state = await source.actor.migrate_out.remote(rid, spec)
-    if state is None:                      # finished (or moved) before it could be detached
-        return True
+    while state == PENDING:                # its KV is still arriving on the source: ask again shortly
+        await asyncio.sleep(0.02)
+        state = await source.actor.migrate_out.remote(rid, spec)
+    if state is None:                      # finished, or not decoding there: recompute moves it if still live
+        return req.finished or req.decode != source.worker_id
+    # no await between the detach and here: updates the source sent before detaching are now stale
+    req.placements, req.work.attempt = attempt + 1, attempt
     outputs = state.token_ids[state.num_prompt_tokens:]
     committed = req.work.committed_token_ids
     router.commit(req, outputs[len(committed):])        # tokens D made that the router had not seen yet

@@ -43,6 +43,7 @@ class RouterConfig:
     colocated: bool = False
     log_ttl_s: float = 300.0
     migration_timeout_s: float = 10.0     # deadline of one live KV migration
+    replace_dead_workers: bool = True     # keep each pool at its size: a dead worker gets a successor
 
 
 @dataclass(slots=True)
@@ -277,6 +278,7 @@ class Router:
                 self._check_worker_health(req.decode, req.prefill)
 
     async def _run_placement(self, req: _Request, prefill_id: str | None) -> None:
+        attempt = req.work.attempt
         d = self.pools.decode[req.decode]
         if prefill_id is None:
             await d.actor.submit_local.remote(req.work)
@@ -290,6 +292,8 @@ class Router:
             token, hits = await p.actor.prefill.remote(req.work, spec)
         finally:
             self._inflight_prefill[prefill_id] -= len(req.work.token_ids)
+        if req.work.attempt != attempt:          # re-placed while this prefill ran: its token is not ours
+            return
         self.commit(req, [token], num_cached=hits)
         if not req.finished:
             await d.actor.begin_decode.remote(req.work.request_id, token)
@@ -410,16 +414,28 @@ class Router:
         except Exception:
             await self._worker_lost(handle)
 
+    async def _replace_worker(self, role: str) -> None:
+        try:
+            added = await self.add_worker("decode" if role == "colocated" else role)
+            log.info("started %s to replace a lost %s worker", added["worker_id"], role)
+        except Exception as e:   # no room in the cluster (e.g. the node is gone): the pool stays smaller
+            log.warning("could not replace a lost %s worker: %s", role, e)
+
     async def _worker_lost(self, handle) -> None:
         if not handle.alive:
             return
         handle.alive = False
         self._loads.pop(handle.worker_id, None)
+        await asyncio.to_thread(self.pools.release_resources, handle)
+        if self.config.replace_dead_workers and not self._closing:
+            self._tasks.append(asyncio.create_task(self._replace_worker(handle.role)))
         moved = [r for r in self.requests.values() if not r.finished and handle.worker_id in (r.decode, r.prefill)]
         log.warning("worker %s lost; re-placing %d requests", handle.worker_id, len(moved))
         for req in moved:
             self.metrics.count_recovery()
-            if req.task is not None and not req.task.done() and req.prefill == handle.worker_id:
-                continue                         # its placement task sees the failure and retries by itself
+            if req.task is not None and not req.task.done():
+                if req.prefill == handle.worker_id:
+                    continue                     # its placement task sees the failure and retries by itself
+                req.task.cancel()                # a placement onto the dead worker: start over
             await self._release(req)
             req.task = asyncio.create_task(self._place(req))

@@ -29,9 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitserve", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"splitserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    from splitserve import cmd_bench, cmd_drain, cmd_generate, cmd_serve
+    from splitserve import cmd_bench, cmd_chaos, cmd_drain, cmd_generate, cmd_serve
+    from splitserve.cluster import preemption_watch
 
-    for command in (cmd_serve, cmd_generate, cmd_bench, cmd_drain):
+    for command in (cmd_serve, cmd_generate, cmd_bench, cmd_drain, cmd_chaos, preemption_watch):
         command.register(sub)
     return parser
 

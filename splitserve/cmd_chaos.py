@@ -9,7 +9,13 @@ the recovery stalls. The logic is in `bench/chaos_run.py` (importable as `splits
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+
+MODES = ("kill", "drain", "mixed")
+VICTIMS = ("any", "decode", "prefill")
+REFERENCES = ("replay", "local")
+DEFAULT_LAUNCH = "--prefill-workers 1 --decode-workers 2 --dtype float32"
 
 
 def register(sub) -> None:
@@ -19,8 +25,6 @@ def register(sub) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from splitserve.bench.chaos_run import DEFAULT_LAUNCH, MODES, REFERENCES, VICTIMS
-
     p.add_argument("--duration", type=float, default=120.0, help="seconds of load (default 120)")
     p.add_argument("--kill-every", type=float, default=30.0, help="seconds between faults (default 30)")
     p.add_argument("--mode", choices=MODES, default="mixed", help="kill: SIGKILL; drain: POST /admin/drain; "
@@ -44,6 +48,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--idle-timeout", type=float, default=120.0, help="wait this long for the cluster to be idle")
     p.add_argument("--api-key", default=None, help="the server's API key (default: $SPLITSERVE_API_KEY)")
     p.add_argument("--ray-address", default=None, help="with --url: the cluster's GCS host:port (Ray checks)")
+    p.add_argument("--replace", action="store_true",
+                   help="after each fault add a fresh worker of the victim's role (POST /admin/workers) and remove "
+                        "a drained victim (DELETE), as an autoscaler would; keeps the pool size for long runs")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat on fresh launched servers and pool the figures (killed workers are not replaced)")
     p.add_argument("--log-dir", default=None, help="where the launched server's log goes (default: temp dir)")
 
 
@@ -56,16 +65,56 @@ def config_from(args: argparse.Namespace):
                        prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, victims=args.victims,
                        drain_deadline_s=args.drain_deadline, seed=args.seed, reference=args.reference,
                        dtype=args.dtype, request_timeout_s=args.request_timeout, idle_timeout_s=args.idle_timeout,
-                       api_key=args.api_key or settings.api_key, ray_address=args.ray_address, log_dir=args.log_dir)
+                       api_key=args.api_key or settings.api_key, ray_address=args.ray_address, log_dir=args.log_dir,
+                       replace=args.replace, rounds=args.rounds)
 
 
 def run(args: argparse.Namespace) -> int:
-    from splitserve.bench.chaos_run import render, run_chaos, to_json
+    from splitserve.bench.chaos_run import run_chaos, to_json
 
     cfg = config_from(args)
+    # SIGTERM (a CI timeout, kill) unwinds like Ctrl-C, so a launched server is stopped, not left behind
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     report = run_chaos(cfg, progress=lambda msg: print(f"splitserve chaos: {msg}", file=sys.stderr, flush=True))
     print(to_json(report) if args.json else render(report), flush=True)
     return 0 if report["ok"] else 1
+
+
+def render(report: dict) -> str:
+    """The human-readable report."""
+    rounds = f" in {len(report['rounds'])} rounds" if "rounds" in report else ""
+    lines = [f"splitserve chaos: {'PASS' if report['ok'] else 'FAIL'} -- {report['requests']['total']} requests"
+             f"{rounds}, {report['requests']['tokens']} tokens, model {report['server']['model']}"]
+    lines.append("faults:")
+    for f in report["faults"]:
+        extra = f.get("skipped") or (
+            f"held {f['held']}, stall max {f.get('stall_max_s')} s"
+            + (f", migrated {f['migrated']}, recomputed {f['recomputed']} in {f['drain_seconds']} s"
+               if f["kind"] == "drain" else "")
+            + (f", replaced by {f['replaced_by']}" if f.get("replaced_by") else "")
+            + (f"; error: {f['error']}" if f.get("error") else ""))
+        where = f"r{f['round']} " if "round" in f else ""
+        lines.append(f"  {where}t={f['at_s']:>6.1f}s {f['kind']:<5} {f['worker_id'] or '-':<4} ({f['role'] or '-'}): "
+                     f"{extra}")
+    s = report["stalls"]
+    lines.append("recovery stall (longest gap between chunks around a fault, over the requests the victim held):")
+    for kind in ("kill", "drain"):
+        k = s[kind]
+        lines.append(f"  {kind:<5}: {k['faults']} faults, {k['affected']} requests, p50 {k['p50_s']} s, "
+                     f"p99 {k['p99_s']} s, max {k['max_s']} s")
+    lines.append(f"  steady inter-chunk gap: p50 {s['steady_itl']['p50_s']} s, p99 {s['steady_itl']['p99_s']} s")
+    lines.append("invariants:")
+    for name, v in report["invariants"].items():
+        mark = {True: "ok  ", False: "FAIL", None: "skip"}[v["ok"]]
+        lines.append(f"  {mark} {name}: {v['detail']}")
+    for r in report["suspect_requests"]:
+        lines.append(f"  suspect {r['request_id']} (#{r['index']}): sent t={r['sent_s']}s, {r['chunks']} chunks "
+                     f"({r['tokens']} tokens), last chunk t={r['last_chunk_s']}s, done t={r['done_s']}s, "
+                     f"{r['error'] or r['finish_reason']}; faults during: {', '.join(r['faults_during']) or 'none'}")
+    if report["server"].get("log_tail"):
+        lines.append(f"server log ({report['server']['log']}), last lines:")
+        lines += ["  " + line for line in report["server"]["log_tail"].splitlines()]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
