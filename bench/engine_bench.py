@@ -305,8 +305,9 @@ def plot(report: dict, path: Path) -> None:
         for key, label, style in lines:
             if all(r[key] is not None for r in rows):
                 ax.plot(xs, [r[key] for r in rows], style, label=label)
-        ax.set(xscale="log", yscale="log", title=f"{dtype}, {report['max_tokens']} new tokens",
-               xlabel="concurrency (requests)", ylabel="decode tokens/s")
+        per = "CPU second (1 process)" if report["clock"] == "cpu" else "second"
+        ax.set(xscale="log", yscale="log", xlabel="concurrency (requests)", ylabel=f"decode tokens per {per}",
+               title=f"{dtype}, {report['max_tokens']} new tokens, {report['threads']} thread(s)")
         ax.set_xticks(xs, [str(x) for x in xs])
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
