@@ -30,7 +30,7 @@ from pathlib import Path
 SECTION = "## Engine decode throughput (splitserve bench engine)"
 BEGIN, END = "<!-- engine-bench:begin -->", "<!-- engine-bench:end -->"
 
-# Short real prompts of varied length; odd ones get the chat template (~30 extra tokens), so lengths span 4-60.
+# Short real prompts of varied length; every other one gets the chat template (~30 extra tokens): 4-43 tokens.
 PROMPTS = [
     "What is the capital of France?", "The quick brown fox", "Write a haiku about the sea.",
     "Explain why the sky is blue in two sentences.", "Once upon a time, in a small village by the river,",
@@ -347,7 +347,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     csv_ints = lambda s: [int(x) for x in s.split(",") if x]                      # noqa: E731
     p.add_argument("--concurrency", type=csv_ints, default=[1, 8, 32, 128], help="batch sizes, e.g. 1,8,32,128")
     p.add_argument("--max-tokens", type=int, default=128, help="new tokens per request")
-    p.add_argument("--dtypes", type=lambda s: [x for x in s.split(",") if x], default=["float32", "bfloat16"])
+    p.add_argument("--dtypes", type=lambda s: [x for x in s.split(",") if x], default=["float32", "bfloat16"],
+                   help="comma-separated: float32, bfloat16, float16")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads in every measured process (default: torch's, one per core)")
     p.add_argument("--skip-hf", action="store_true", help="skip the HF transformers reference")
@@ -395,7 +396,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser().parse_args(argv))
+    try:
+        return run(build_parser().parse_args(argv))
+    except ValueError as e:
+        print(f"splitserve bench engine: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

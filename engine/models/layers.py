@@ -86,9 +86,9 @@ class SwiGLU(nn.Module):
 class PackedLinear(nn.Module):
     """A bias-free linear whose weight was reordered once into oneDNN's blocked (AMX) layout.
 
-    F.linear on a plain [out, in] bfloat16 weight pays for that reorder on every call; packed, the decode
-    matmuls run ~1.4x faster at every batch size, with the same results (same oneDNN kernels). The packed
-    tensor is opaque (no state_dict, no .to()), so this is done last, when the model is ready to serve.
+    F.linear hands oneDNN a plain [out, in] weight on every call; reordered once at load (the ops inductor's
+    freezing pass uses), the decode matmuls run 1.3-1.45x faster at batch 1-128 with bit-identical results. The
+    packed tensor is opaque (no state_dict, no .to()), so this is done last, when the model is ready to serve.
     """
 
     def __init__(self, linear: nn.Linear) -> None:
