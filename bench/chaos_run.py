@@ -64,6 +64,7 @@ class ChaosConfig:
     reference: str = "replay"               # replay: same server after the faults; local: a local LLMEngine
     dtype: str = "float32"                  # the local reference engine's dtype
     controls: int = 4                       # unaffected requests also compared (checks the reference itself)
+    compare: int = 0                        # compare at most this many requests in flight around a fault (0: all)
     request_timeout_s: float = 300.0
     idle_timeout_s: float = 120.0
     api_key: str | None = None
@@ -79,6 +80,8 @@ class ChaosConfig:
                 raise ValueError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
         if self.rounds > 1 and self.url:
             raise ValueError("--rounds needs a launched server (a fresh one per round), not --url")
+        if not isinstance(self.compare, int) or self.compare < 0:
+            raise ValueError(f"--compare must be 0 (all) or a positive integer, got {self.compare!r}")
         for name in ("concurrency", "prompt_tokens", "max_tokens", "rounds"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"--{_flag(name)} must be a positive integer, got {getattr(self, name)!r}")
@@ -119,6 +122,20 @@ class Target:
         r = self.http.get("/admin/workers")
         r.raise_for_status()
         return r.json()["workers"]
+
+    def counter(self, name: str) -> float | None:
+        """A Prometheus counter's value summed over its labels (`name` without `_total`); None if unreadable."""
+        try:
+            r = self.http.get("/metrics", timeout=10)
+            r.raise_for_status()
+        except httpx.HTTPError:
+            return None
+        total = None
+        for line in r.text.splitlines():
+            head, _, value = line.partition(" ")
+            if head.split("{")[0] == f"{name}_total":
+                total = (total or 0.0) + float(value)
+        return total
 
     def held_by(self, worker_id: str) -> int:
         return next((w.num_running + w.num_waiting for w in self.load().workers if w.worker_id == worker_id), 0)
@@ -423,6 +440,8 @@ class Fault:
     error: str = ""
     replaced_by: str = ""         # --replace: the worker added in its place
     injected: bool = False        # the kill / drain happened (error may still say the replacement failed)
+    reprefill_before: float | None = None    # the server's re-prefilled-token counter just before the fault
+    reprefill_tokens: float | None = None    # how far it moved until the next fault (or the end of the load)
 
 
 def eligible(kind: str, workers: list[dict], gone: set[str], victims: str = "any") -> list[dict]:
@@ -441,6 +460,19 @@ def eligible(kind: str, workers: list[dict], gone: set[str], victims: str = "any
     return out
 
 
+REPREFILL_COUNTER = "splitserve_reprefill_tokens"
+
+
+def attribute_reprefill(faults: list[Fault], final: float | None) -> None:
+    """Each injected fault gets the re-prefilled tokens counted from just before it to just before the next one
+    (the last: to `final`, read once the load has finished)."""
+    injected = [f for f in faults if f.injected]
+    for f, nxt in zip(injected, injected[1:] + [None]):
+        end = nxt.reprefill_before if nxt is not None else final
+        if f.reprefill_before is not None and end is not None:
+            f.reprefill_tokens = end - f.reprefill_before
+
+
 class FaultInjector(threading.Thread):
     def __init__(self, target: Target, cfg: ChaosConfig, start: float) -> None:
         super().__init__(name="chaos-faults", daemon=True)
@@ -449,6 +481,7 @@ class FaultInjector(threading.Thread):
         self.faults: list[Fault] = []
         self.gone: set[str] = set()
         self.stopping = threading.Event()
+        self.replacing: list[threading.Thread] = []     # --replace: replacements run beside the next faults
 
     def schedule(self) -> list[tuple[float, str]]:
         c = self.cfg
@@ -457,13 +490,17 @@ class FaultInjector(threading.Thread):
         return [(t, c.mode if c.mode != "mixed" else ("kill", "drain")[k % 2]) for k, t in enumerate(times)]
 
     def run(self) -> None:
-        for offset, kind in self.schedule():
-            if self.stopping.wait(max(0.0, self.start_at + offset - time.monotonic())):
-                return
-            try:
-                self.faults.append(self.inject(kind))
-            except Exception as e:         # the admin API failed: recorded, the run goes on
-                self.faults.append(Fault(kind, time.monotonic(), error=f"{type(e).__name__}: {e}"))
+        try:
+            for offset, kind in self.schedule():
+                if self.stopping.wait(max(0.0, self.start_at + offset - time.monotonic())):
+                    return
+                try:
+                    self.faults.append(self.inject(kind))
+                except Exception as e:         # the admin API failed: recorded, the run goes on
+                    self.faults.append(Fault(kind, time.monotonic(), error=f"{type(e).__name__}: {e}"))
+        finally:
+            for t in self.replacing:
+                t.join()
 
     def inject(self, kind: str) -> Fault:
         workers = self.target.workers()
@@ -472,7 +509,8 @@ class FaultInjector(threading.Thread):
             return Fault(kind, time.monotonic(), skipped="no eligible worker (the last serving decode worker is "
                                                         "never hit; killed workers are not replaced)")
         w = self.rng.choice(choices)
-        fault = Fault(kind, 0.0, w["worker_id"], w["role"], w["pid"])
+        fault = Fault(kind, 0.0, w["worker_id"], w["role"], w["pid"],
+                      reprefill_before=self.target.counter(REPREFILL_COUNTER))
         if kind == "kill":
             fault.held = self.target.held_by(w["worker_id"])
             self.target.check_killable(w)
@@ -485,14 +523,19 @@ class FaultInjector(threading.Thread):
             fault.injected = True
             fault.held = fault.report.get("migrated", 0) + fault.report.get("recomputed", 0)
         self.gone.add(w["worker_id"])
-        if self.cfg.replace:
-            try:
-                if kind == "drain":                # the drained node goes away, as it would at its deadline
-                    self.target.remove_worker(w["worker_id"])
-                fault.replaced_by = self.target.add_worker(w["role"])["worker_id"]
-            except Exception as e:
-                fault.error = f"replacing {w['worker_id']}: {e}"
+        if self.cfg.replace:        # as an autoscaler would, while the schedule goes on (a model load takes a while)
+            t = threading.Thread(target=self.replace, args=(fault, w), name="chaos-replace", daemon=True)
+            t.start()
+            self.replacing.append(t)
         return fault
+
+    def replace(self, fault: Fault, w: dict) -> None:
+        try:
+            if fault.kind == "drain":          # the drained node goes away, as it would at its deadline
+                self.target.remove_worker(w["worker_id"])
+            fault.replaced_by = self.target.add_worker(w["role"])["worker_id"]
+        except Exception as e:
+            fault.error = f"replacing {w['worker_id']}: {e}"
 
 
 # ---- checks --------------------------------------------------------------------------------------------------
@@ -592,6 +635,8 @@ def check_outputs(target: Target, cfg: ChaosConfig, records: list[RequestRecord]
     window = min(cfg.kill_every_s, 30.0)
     affected = [r for r in done if in_fault_window(r, faults, window)]
     controls = [r for r in done if r not in affected][: cfg.controls]
+    if cfg.compare and len(affected) > cfg.compare:     # a long run: the ones that saw the most faults
+        affected = sorted(affected, key=lambda r: (-faults_seen(r, faults), r.index))[: cfg.compare]
     if not affected + controls:
         return check(None, "no finished request to compare")
     refs = reference_outputs(target, cfg, affected + controls)
@@ -687,15 +732,23 @@ def stall_figures(records: list[RequestRecord], faults: list[Fault], window: flo
         affected = gaps[: f.held] if f.role != "prefill" else []
         by_kind[f.kind] += affected
         per_fault.append({"kind": f.kind, "worker_id": f.worker_id, "held": f.held, "in_flight": len(gaps),
-                          "stall_max_s": round(affected[0], 3) if affected else None})
+                          "stall_max_s": round(affected[0], 3) if affected else None,
+                          "reprefill_tokens": f.reprefill_tokens})
     quiet = [b - a for r in records for a, b in zip(r.times, r.times[1:])
              if not any(f.at - 1 <= b and a <= f.at + window for f in faults if f.injected)]
     out = {kind: {"faults": sum(1 for p in per_fault if p["kind"] == kind), "affected": len(v),
                   "p50_s": _r(percentile(v, 50)), "p99_s": _r(percentile(v, 99)), "max_s": _r(max(v, default=None)),
+                  "reprefill_tokens": _sum_known(p["reprefill_tokens"] for p in per_fault if p["kind"] == kind),
                   "samples_s": sorted(_r(x) for x in v)}
            for kind, v in by_kind.items()}
     out["steady_itl"] = {"gaps": len(quiet), "p50_s": _r(percentile(quiet, 50)), "p99_s": _r(percentile(quiet, 99))}
     return out, per_fault
+
+
+def _sum_known(values) -> int | None:
+    """The sum of the known values; None when none is known (the server has no such counter)."""
+    known = [v for v in values if v is not None]
+    return int(sum(known)) if known else None
 
 
 def _r(x: float | None) -> float | None:
@@ -746,6 +799,7 @@ def _run(cfg: ChaosConfig, target: Target, server: LaunchedServer | None, progre
     while injector.is_alive():         # a drain or a replacement may still be running
         injector.join(0.5)
     faults = injector.faults
+    attribute_reprefill(faults, target.counter(REPREFILL_COUNTER))
     progress(f"{len(records)} requests, {sum(1 for f in faults if f.injected)} faults; checking")
     no_fail, seqs, count = check_requests(records, faults, cfg.max_tokens)
     suspects = [r for r in records if r.error is not None or len(r.token_ids) != cfg.max_tokens
@@ -822,6 +876,8 @@ def _fault_row(f: Fault, start: float, stall: dict | None) -> dict:
                    drain_seconds=f.report.get("seconds"))
     if stall:
         row.update(in_flight=stall["in_flight"], stall_max_s=stall["stall_max_s"])
+    if f.reprefill_tokens is not None:
+        row["reprefill_tokens"] = int(f.reprefill_tokens)
     if f.replaced_by:
         row["replaced_by"] = f.replaced_by
     if f.skipped:

@@ -9,11 +9,11 @@ and closing a stream early aborts the request on the server.
 """
 
 from .async_client import AsyncChunkStream, AsyncClient
-from .errors import (DeadlineExceeded, GenerationFailed, InvalidArgument, NotFound, SplitServeError, Unauthenticated,
-                     Unavailable)
+from .errors import (DeadlineExceeded, GenerationFailed, InvalidArgument, NotFound, Overloaded, SplitServeError,
+                     Unauthenticated, Unavailable)
 from .sync_client import ChunkStream, Client
 from .types import Chunk, Completion, LoadInfo, ModelInfo, Usage, WorkerLoad
 
 __all__ = ["AsyncChunkStream", "AsyncClient", "Chunk", "ChunkStream", "Client", "Completion", "DeadlineExceeded",
-           "GenerationFailed", "InvalidArgument", "LoadInfo", "ModelInfo", "NotFound", "SplitServeError",
+           "GenerationFailed", "InvalidArgument", "LoadInfo", "ModelInfo", "NotFound", "Overloaded", "SplitServeError",
            "Unauthenticated", "Unavailable", "Usage", "WorkerLoad"]

@@ -36,13 +36,17 @@ class DeadlineExceeded(SplitServeError, TimeoutError):
     pass
 
 
+class Overloaded(SplitServeError):
+    """The router's admission control refused the request (it could not meet its latency targets): retry later."""
+
+
 class GenerationFailed(SplitServeError):
     """The server failed the request after it started (an `Error` message in the stream)."""
 
 
 _BY_CODE = {grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument, grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
             grpc.StatusCode.NOT_FOUND: NotFound, grpc.StatusCode.UNAVAILABLE: Unavailable,
-            grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded}
+            grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded}
 
 
 def from_rpc_error(e: grpc.RpcError, request_id: str | None = None) -> SplitServeError:

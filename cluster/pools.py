@@ -1,6 +1,8 @@
 """Worker pools: named groups of prefill and decode actors, each placed with a placement group.
 
-All tensor-parallel ranks of one worker go in one STRICT_PACK placement group (one node); a worker asks for GPUs
+All tensor-parallel ranks of one worker go in one STRICT_PACK placement group (one node), one actor per rank:
+the worker actor in bundle 0 (rank 0) and a FollowerRankActor in bundle r (cluster/tp_ranks.py); removing the
+group removes every rank. Prefill and decode pools may use different TP degrees. A worker asks for GPUs
 on CUDA and CPUs on CPU, plus the node-group resource (`splitserve_prefill` / `splitserve_decode`) when the
 cluster defines it, so prefill and decode land on their own node pools.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import uuid
 from dataclasses import dataclass, field
 
 from splitserve.engine.config import EngineConfig
@@ -29,8 +32,13 @@ class PoolConfig:
     colocated: bool = False           # every worker does both phases (the baseline)
     kv_backend: str = "torch_dist"
     kv_timeout_s: float = 30.0
+    prefill_tp: int = 0               # tensor-parallel ranks per prefill worker (0: the engine's --tp)
+    decode_tp: int = 0                # per decode (and colocated) worker; KV is resharded between the two
 
     def __post_init__(self) -> None:
+        for name in ("prefill_tp", "decode_tp"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
         if self.num_decode < 1:
             raise ValueError(f"--decode-workers must be at least 1, got {self.num_decode}")
         if self.num_prefill < 0 or (self.num_prefill == 0 and not self.colocated and self.num_decode < 1):
@@ -49,6 +57,9 @@ class WorkerHandle:
     draining: bool = False
     node_id: str = ""
     hostname: str = ""
+    tp: int = 1                       # tensor-parallel ranks (KV transfer specs name it)
+    followers: list = field(default_factory=list)   # the FollowerRankActor of ranks 1..tp-1
+    rank_pids: list = field(default_factory=list)   # process of each rank (rank 0 first)
 
     def matches(self, target: str) -> bool:
         """`splitserve drain TARGET`: a worker id, a Ray node id, or the host name of the worker's node."""
@@ -56,10 +67,12 @@ class WorkerHandle:
 
     def describe(self) -> dict:
         return {"worker_id": self.worker_id, "role": self.role, "pid": self.pid, "node_id": self.node_id,
-                "hostname": self.hostname, "alive": self.alive, "draining": self.draining}
+                "hostname": self.hostname, "alive": self.alive, "draining": self.draining, "tp": self.tp,
+                "rank_pids": self.rank_pids}
 
     def note_ready(self, info: dict) -> None:
         self.pid, self.node_id, self.hostname = info["pid"], info["node_id"], info["hostname"]
+        self.rank_pids = info.get("rank_pids", [self.pid])
 
 
 @dataclass
@@ -94,25 +107,42 @@ class WorkerPools:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+        from splitserve.cluster.tp_ranks import FollowerRankActor
         from splitserve.decode_workers.actor import DecodeWorkerActor
         from splitserve.prefill_workers.actor import PrefillWorkerActor
 
         worker_id = f"{role[0]}{next(self._ids)}"
         bundle = self._bundle(role)
-        pg = placement_group([bundle] * self.engine_config.tp, strategy="STRICT_PACK")
+        tp = self.tp_of(role)
+        pg = placement_group([bundle] * tp, strategy="STRICT_PACK")
         ray.get(pg.ready(), timeout=120)
         kv = KVTransferConfig(backend=self.pool_config.kv_backend, worker_id=worker_id, store_host=self.store_host,
                               store_port=self.store_port, timeout_s=self.pool_config.kv_timeout_s)
-        spec = WorkerSpecification(worker_id, role, dataclasses.replace(self.engine_config, verbose=False), kv)
+        spec = WorkerSpecification(worker_id, role, dataclasses.replace(self.engine_config, tp=tp, verbose=False), kv,
+                                   tp_group=f"tp/{worker_id}/{uuid.uuid4().hex[:12]}")
+
+        def options(rank: int, name: str) -> dict:
+            return dict(num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0), name=name,
+                        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank))
+        # ranks 1..tp-1 first: every rank loads its shard at once and they meet rank 0 in the TP group
+        followers = [FollowerRankActor.options(**options(r, f"splitserve-{worker_id}-rank{r}")).remote(spec, r)
+                     for r in range(1, tp)]
+        spec = dataclasses.replace(spec, followers=tuple(followers))
         cls = PrefillWorkerActor if role == "prefill" else DecodeWorkerActor
-        options = dict(num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0), name=f"splitserve-{worker_id}",
-                       scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0))
-        actor = cls.options(**options).remote(spec)
-        handle = WorkerHandle(worker_id, role, actor, pg)
+        actor = cls.options(**options(0, f"splitserve-{worker_id}")).remote(spec)
+        handle = WorkerHandle(worker_id, role, actor, pg, tp=tp, followers=followers)
+        if wait:    # listed once loaded: a loading worker must not get requests, nor miss heartbeats and be killed
+            try:
+                handle.note_ready(ray.get(actor.ready.remote()))
+            except BaseException:
+                self.release_resources(handle)     # its actors go with their placement group
+                raise
         (self.prefill if role == "prefill" else self.decode)[worker_id] = handle
-        if wait:
-            handle.note_ready(ray.get(actor.ready.remote()))
         return handle
+
+    def tp_of(self, role: str) -> int:
+        pc = self.pool_config
+        return (pc.prefill_tp if role == "prefill" else pc.decode_tp) or self.engine_config.tp
 
     def _bundle(self, role: str) -> dict:
         import ray
@@ -144,7 +174,11 @@ class WorkerPools:
             ray.get(handle.actor.shutdown.remote(), timeout=10)
         except Exception:  # already dead: nothing to shut down
             pass
-        ray.kill(handle.actor, no_restart=True)
+        for actor in [handle.actor, *handle.followers]:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # already gone
+                pass
         self.release_resources(handle)
 
     def shutdown(self) -> None:

@@ -6,7 +6,8 @@ import asyncio
 
 import ray
 
-from splitserve.cluster.worker_actor import WorkerActorBase, WorkerSpecification
+from splitserve.cluster.cpu_threads import limit_torch_threads, warm_native_kernels
+from splitserve.cluster.worker_actor import WorkerActorBase, WorkerSpecification, build_worker
 from splitserve.kv_transfer import TransferSpec
 from splitserve.work import WorkRequest
 
@@ -16,14 +17,20 @@ from .worker import DecodeWorker
 @ray.remote(max_restarts=0, max_task_retries=0)
 class DecodeWorkerActor(WorkerActorBase):
     def __init__(self, spec: WorkerSpecification) -> None:
-        self.worker = DecodeWorker(spec.worker_id, spec.engine, spec.kv)
+        limit_torch_threads()          # its CPU share, not every core of the node
+        warm_native_kernels(spec.engine.device)     # a first-use build, before ready(), not in a step
+        self.worker, self.followers = build_worker(DecodeWorker, spec)
         self.worker.start()
 
-    async def expect(self, req: WorkRequest, spec: TransferSpec) -> int:
-        return await asyncio.wrap_future(self.worker.call(self.worker.expect, req, spec))
+    async def expect(self, req: WorkRequest, spec: TransferSpec, first_token: int | None = None) -> int:
+        return await asyncio.wrap_future(self.worker.call(self.worker.expect, req, spec, first_token))
 
     async def begin_decode(self, request_id: str, first_token: int) -> bool:
         return await asyncio.wrap_future(self.worker.call(self.worker.begin_decode, request_id, first_token))
+
+    async def migrations_in_flight(self) -> int:
+        """Live KV this worker is still sending to other decode workers (a drain waits for 0 before it ends)."""
+        return await asyncio.wrap_future(self.worker.call(lambda: len(self.worker.outgoing)))
 
     async def migrate_out(self, request_id: str, spec: TransferSpec):
         return await asyncio.wrap_future(self.worker.call(self.worker.migrate_out, request_id, spec))

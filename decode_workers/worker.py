@@ -2,7 +2,9 @@
 
     expect(req, spec) ──> receiver allocates blocks (prefix hits skipped) ──> BOOTSTRAPPING/TRANSFERRING
     begin_decode(rid, tok) ─┐                                                        │ poll() each step
-                             └──────── KV DONE + first token known ──> admit ──> running batch ──> step()
+    (a migration passes tok  └──────── KV DONE + first token known ──> admit ──> running batch ──> step()
+     to expect: one call)     first token known, KV still arriving: wait up to HANDOVER_WAIT_S for it before the
+                              step (once per request), so it joins this step rather than the next one
     submit_local(req) ──> waiting queue (short or fully cached prompts: prefilled here) ──────────┘
     every step: one list of TokenUpdate for all requests ──> outbox ──> router's poll_outputs()
     receiver FAILED ──> TokenUpdate(error=...) ──> the router re-places the request
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 
 from splitserve.engine.config import EngineConfig
@@ -30,6 +33,9 @@ from splitserve.work import MigrationState, TokenUpdate, WorkerLoad, WorkRequest
 log = logging.getLogger(__name__)
 
 PENDING = "pending"        # migrate_out: the request's KV is still arriving here
+# A request whose first token is known waits at most this long (once) for the rest of its KV before a step runs
+# without it: far less than a step, and it spares the stalled stream a whole step.
+HANDOVER_WAIT_S = 0.05
 
 
 @dataclass(slots=True)
@@ -38,6 +44,7 @@ class _Incoming:
     seq: Sequence                # holds the prefix-cache blocks matched at expect()
     receiver: KVReceiver
     first_token: int | None = None
+    waited: bool = False         # the pre-step wait for its KV was spent
 
 
 class DecodeWorker(StepLoop):
@@ -56,8 +63,9 @@ class DecodeWorker(StepLoop):
         self.draining = False
 
     # ---- commands (run on the loop thread through `call`) --------------------------------------------
-    def expect(self, req: WorkRequest, spec: TransferSpec) -> int:
-        """Reserve blocks for a request's KV that a prefill worker will send; returns prefix-hit tokens."""
+    def expect(self, req: WorkRequest, spec: TransferSpec, first_token: int | None = None) -> int:
+        """Reserve blocks for a request's KV that a prefill worker (or, draining, a decode worker) will send;
+        returns prefix-hit tokens. A migration knows the next token already: `first_token` saves begin_decode."""
         tokens = req.token_ids
         self.engine.scheduler.check_fits(len(tokens) + 1, req.params.max_tokens - len(req.committed_token_ids))
         seq = Sequence(req.request_id, tokens, req.params, num_prompt_tokens=len(req.prompt_token_ids))
@@ -67,7 +75,7 @@ class DecodeWorker(StepLoop):
         except BaseException:
             self.engine.block_manager.free(seq)
             raise
-        self.incoming[req.request_id] = _Incoming(req, seq, rx)
+        self.incoming[req.request_id] = _Incoming(req, seq, rx, first_token)
         self.attempts[req.request_id] = req.attempt
         return seq.num_cached_tokens
 
@@ -136,6 +144,7 @@ class DecodeWorker(StepLoop):
     # ---- the loop -------------------------------------------------------------------------------------
     def tick(self) -> bool:
         self._poll_outgoing()
+        self._await_handover()
         updates = self._admit_arrived()
         outputs = self.engine.step() if self.engine.has_unfinished else []
         updates += [TokenUpdate(o.request_id, o.new_token_ids, o.finished, o.finish_reason,
@@ -146,6 +155,18 @@ class DecodeWorker(StepLoop):
                 self.attempts.pop(o.request_id, None)
         self.emit(updates)
         return bool(outputs) or bool(self.incoming and updates)
+
+    def _await_handover(self) -> None:
+        """A stream stalled on its KV (first token known, pages in flight) would otherwise wait a whole step more:
+        give its transfer a few ms to finish, once per request, before the step runs without it."""
+        pending = [inc for inc in self.incoming.values() if inc.first_token is not None and not inc.waited]
+        if not pending:
+            return
+        for inc in pending:
+            inc.waited = True
+        end = time.monotonic() + HANDOVER_WAIT_S
+        for inc in pending:                  # woken by the transport thread, not a poll loop (torch_dist)
+            inc.receiver.wait(max(0.0, end - time.monotonic()))
 
     def _admit_arrived(self) -> list[TokenUpdate]:
         failed: list[TokenUpdate] = []

@@ -106,10 +106,11 @@ class ModelRunner:
         if not rows:
             return [None] * len(batch)
         last = meta.cu_seqlens_q[1:].long() - 1
-        logits = self.model.compute_logits(hidden[last[rows]])
         requests = [SampleRequest(batch.seqs[i].params, seeds[i], batch.seqs[i].num_tokens,
                                   batch.seqs[i].token_ids) for i in rows]
         greedy = all(r.params.greedy and r.params.repetition_penalty == 1.0 for r in requests)
+        # rows == all of them in a decode step: index with the tensor, not a list
+        logits = self.model.compute_logits(hidden[last if len(rows) == len(batch) else last[rows]], upcast=not greedy)
         tokens = greedy_tokens(logits) if greedy else sample(logits, requests)
         out: list[int | None] = [None] * len(batch)
         for i, tok in zip(rows, tokens):

@@ -13,8 +13,9 @@ follower waiting for the next step in a broadcast would time out whenever the en
 unbounded, and ends (EOF) when rank 0 dies. Everything that can fail inside a step (a follower died or hangs)
 surfaces at rank 0 as a TPRankError within the group's timeout.
 
-In a cluster a Ray actor per rank wraps `FollowerRank`, and rank 0 reaches the followers through another
-`Followers` (e.g. a Ray actor call that delivers the `StepHeader`) instead of `FollowerProcesses`.
+In a cluster a Ray actor per rank wraps `FollowerRank` (cluster/tp_ranks.py), rank 0 is the worker actor's
+`driver_engine`, and it reaches the followers through `RayFollowers` (a Ray actor call delivers each `StepHeader`)
+instead of `FollowerProcesses`.
 """
 
 from __future__ import annotations
@@ -283,6 +284,22 @@ class TPEngine(LLMEngine):
         self.close()
 
 
+def driver_engine(config: EngineConfig, group, followers: Followers, timeout_s: float = tp_dist.DEFAULT_TIMEOUT_S,
+                  **engine_kwargs) -> LLMEngine:
+    """Rank 0 of a worker whose ranks 1..N-1 were started elsewhere (Ray actors in a cluster) and joined `group`:
+    an LLMEngine on rank 0's shard whose runner drives the followers. `config.num_kv_blocks` must already be
+    uniform (see `uniform_kv_blocks`); every follower builds its runner with `follower_runner`."""
+    engine = LLMEngine(config, model_transform=rank_transform(group, config), **engine_kwargs)
+    meet_ranks(engine.runner, group)
+    engine.runner = DriverRunner(engine.runner, group, followers, timeout_s)
+    return engine
+
+
+def follower_runner(config: EngineConfig, model_dir: Path, group) -> FollowerRank:
+    """Rank r > 0's shard of the model, ready to run rank 0's steps (call `report_ready` once rank 0 loads)."""
+    return FollowerRank(ModelRunner(config, model_dir, model_transform=rank_transform(group, config)), group)
+
+
 def rank_transform(group, config: EngineConfig):
     """What every rank applies to its freshly loaded model: its tensor-parallel shard, then layer pairs."""
     return compose(tp_transform(group), layer_parallel_transform(config.layer_parallel))
@@ -316,8 +333,7 @@ def follower_main(spec: dict) -> int:
     group = tp_dist.join_group(spec["addr"], spec["rank"], spec["world_size"], config.device, spec["timeout_s"],
                                spec["prefix"])
     try:
-        follower = FollowerRank(ModelRunner(config, Path(spec["model_dir"]),
-                                            model_transform=rank_transform(group, config)), group)
+        follower = follower_runner(config, Path(spec["model_dir"]), group)
         follower.report_ready()
         follower.serve(sys.stdin.buffer)
     except RuntimeError as e:                  # rank 0 went away mid-step: nothing left to serve

@@ -15,11 +15,14 @@
     Either side may end FAILED (deadline, peer death, fingerprint mismatch, abort); its blocks go back to its pool.
 
 Nothing here blocks: `create_*`, `layer_ready`, `poll` and `abort` return at once; the work runs on background
-threads. Block pools are touched only from the caller's thread (in `create_receiver`, `poll`, `abort`).
+threads. `wait(timeout_s)` is for an owner with nothing else to do: it sleeps until the end turns terminal (woken
+by the transport thread that made it so) instead of polling in a loop. Block pools are touched only from the
+caller's thread (in `create_receiver`, `poll`, `abort`, `wait`).
 """
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from typing import ClassVar, Sequence
 
@@ -30,6 +33,13 @@ from splitserve.engine.kv_layout import KVLayout
 from .block_pool import BlockPool
 from .config import KVTransferConfig
 from .messages import KVTransferError, TransferSpec, TransferStatus
+
+
+def _wait_by_polling(end: KVSender | KVReceiver, timeout_s: float) -> TransferStatus:
+    deadline = time.monotonic() + timeout_s
+    while not (status := end.poll()).terminal and time.monotonic() < deadline:
+        time.sleep(0.0005)
+    return status
 
 
 class KVSender(ABC):
@@ -53,6 +63,10 @@ class KVSender(ABC):
     @abstractmethod
     def poll(self) -> TransferStatus:
         """Non-blocking. Enforces the lease: past the deadline the sender turns FAILED and frees its blocks."""
+
+    def wait(self, timeout_s: float) -> TransferStatus:
+        """Block up to `timeout_s` until DONE or FAILED, then poll() (for an owner with nothing else to do)."""
+        return _wait_by_polling(self, timeout_s)
 
     @abstractmethod
     def abort(self, reason: str = "aborted by sender") -> None: ...
@@ -79,6 +93,10 @@ class KVReceiver(ABC):
     @abstractmethod
     def poll(self) -> TransferStatus:
         """Non-blocking. Past the deadline the receiver turns FAILED; on FAILED its allocated blocks are freed."""
+
+    def wait(self, timeout_s: float) -> TransferStatus:
+        """Block up to `timeout_s` until DONE or FAILED, then poll() (for an owner with nothing else to do)."""
+        return _wait_by_polling(self, timeout_s)
 
     @abstractmethod
     def abort(self, reason: str = "aborted by receiver") -> None: ...

@@ -2,9 +2,12 @@
 
 Handshake messages (plans, replies, acks: protobuf bytes) travel through the store hosted by the router. All
 store I/O of a rank happens on this thread: jobs submitted from any thread run here in order, and watches (a
-key to wait for) are polled here every `poll_interval_s`. A watch fires once: the key is read, deleted, and
-its callback runs on this thread with the store at hand. A dead store turns into transfers missing their
-deadlines, never into a blocked worker thread.
+key to wait for) are polled here, each on its own schedule: every `poll_interval_s` (or its own, longer
+`interval_s` when its answer is not urgent), and every HOT_POLL_S while it is hot: for HOT_WINDOW_S after it
+was created hot or `heat()`ed, because its answer is due within a millisecond or two (a handshake step, an ack
+after the last page) and waiting a whole interval would add that much to the transfer. A watch fires once: the
+key is read, deleted, and its callback runs on this thread with the store at hand. A dead store turns into
+transfers missing their deadlines, never into a blocked worker thread.
 """
 
 from __future__ import annotations
@@ -21,8 +24,20 @@ from torch.distributed import Store, TCPStore
 
 log = logging.getLogger(__name__)
 
+HOT_POLL_S = 0.0002     # poll interval while a hot watch is younger than HOT_WINDOW_S
+HOT_WINDOW_S = 0.05
+
 Job = Callable[[Store], None]
 OnValue = Callable[[Store, bytes], None]
+
+
+@dataclass(slots=True)
+class _Watch:
+    key: str
+    on_value: OnValue
+    interval_s: float
+    hot_until: float         # monotonic; poll every HOT_POLL_S until then
+    due: float               # monotonic; next check
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +62,7 @@ class ControlPlane:
         self._poll_interval_s = poll_interval_s
         self._cv = threading.Condition()
         self._jobs: deque[Job] = deque()
-        self._watches: dict[int, tuple[str, OnValue]] = {}
+        self._watches: dict[int, _Watch] = {}
         self._next_id = 0
         self._closed = False
         self._last_error_log = 0.0
@@ -59,12 +74,25 @@ class ControlPlane:
             self._jobs.append(job)
             self._cv.notify()
 
-    def watch(self, key: str, on_value: OnValue) -> int:
+    def watch(self, key: str, on_value: OnValue, hot: bool = False, interval_s: float | None = None) -> int:
+        """Call `on_value` once `key` exists. `hot`: the value is expected any moment (see the module doc);
+        `interval_s`: poll this one less often than `poll_interval_s` (its answer is not urgent)."""
         with self._cv:
             self._next_id += 1
-            self._watches[self._next_id] = (key, on_value)
+            now = time.monotonic()
+            self._watches[self._next_id] = _Watch(key, on_value, interval_s or self._poll_interval_s,
+                                                  now + HOT_WINDOW_S if hot else 0.0, now)
             self._cv.notify()
             return self._next_id
+
+    def heat(self, watch_id: int | None) -> None:
+        """The watched value is now due any moment: check at once, then every HOT_POLL_S for a while."""
+        with self._cv:
+            w = self._watches.get(watch_id)
+            if w is not None:
+                w.hot_until = w.due = time.monotonic()
+                w.hot_until += HOT_WINDOW_S
+                self._cv.notify()
 
     def unwatch(self, watch_id: int | None) -> None:
         with self._cv:
@@ -90,14 +118,18 @@ class ControlPlane:
                     return
                 jobs = list(self._jobs)
                 self._jobs.clear()
-                watches = list(self._watches.items())
+                now = time.monotonic()
+                due = [(i, w) for i, w in self._watches.items() if w.due <= now]
+                for _, w in due:
+                    w.due = now + (HOT_POLL_S if now < w.hot_until else w.interval_s)
             for job in jobs:
                 self._safely(job)
-            for watch_id, (key, on_value) in watches:
-                self._safely(lambda store, w=watch_id, k=key, cb=on_value: self._check(store, w, k, cb))
+            for watch_id, w in due:
+                self._safely(lambda store, i=watch_id, k=w.key, cb=w.on_value: self._check(store, i, k, cb))
             with self._cv:
-                if not self._closed and not self._jobs:
-                    self._cv.wait(timeout=self._poll_interval_s)
+                if not self._closed and not self._jobs and self._watches:
+                    nxt = min(w.due for w in self._watches.values())
+                    self._cv.wait(timeout=max(0.0, nxt - time.monotonic()))
 
     def _check(self, store: Store, watch_id: int, key: str, on_value: OnValue) -> None:
         if not store.check([key]):

@@ -26,6 +26,7 @@ class Lifecycle:
                  busy: Callable[[], bool] | None = None) -> None:
         self.what = what                 # "sender req-1/0 rank 0", for messages
         self.lock = lock or threading.RLock()
+        self._changed = threading.Condition(self.lock)   # notified on every status change
         self.timeout_s = timeout_s
         self.deadline = time.monotonic() + timeout_s
         self.status = TransferStatus.BOOTSTRAPPING
@@ -47,6 +48,7 @@ class Lifecycle:
         with self.lock:
             if not self.status.terminal:
                 self.status = status
+                self._changed.notify_all()
 
     def fail(self, reason: str) -> bool:
         """Turn FAILED (once); runs the on_fail hook under the lock. False if already terminal."""
@@ -54,9 +56,17 @@ class Lifecycle:
             if self.status.terminal:
                 return False
             self.status, self.error = TransferStatus.FAILED, f"{self.what}: {reason}"
+            self._changed.notify_all()
             if self._on_fail is not None:
                 self._on_fail(self.error)
             return True
+
+    def wait(self, timeout_s: float) -> None:
+        """Block until terminal, the deadline, or `timeout_s` (the owner then calls poll())."""
+        end = min(time.monotonic() + timeout_s, self.deadline)
+        with self.lock:
+            while not self.status.terminal and (left := end - time.monotonic()) > 0:
+                self._changed.wait(left)
 
     def poll(self) -> TransferStatus:
         with self.lock:

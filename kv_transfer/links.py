@@ -34,7 +34,10 @@ def short_error(error: BaseException | str) -> str:
 
 
 def wait_all(works: list, deadline: float) -> None:
-    for w in works:
+    """Waits for operations posted in order on one pair link and direction. They complete in that order (one
+    TCP stream or CUDA stream), so the thread blocks once, on the last; the others are then only confirmed,
+    which costs microseconds instead of a sleep and a wake-up each."""
+    for w in works[-1:] + works[:-1]:
         w.wait(timedelta(seconds=max(MIN_WAIT_S, deadline - time.monotonic())))
 
 
@@ -56,6 +59,7 @@ class PagesJob:
     on_error: Callable[[str], None]
     deadline: float
     size_bound: int          # wire.run_size_bound of its run, to batch only what fits one header frame
+    on_sent: Callable[[], None] | None = None   # link thread, once its pages left (the peer has them)
 
 
 @dataclass(slots=True)

@@ -3,7 +3,9 @@
     ends are registered per transfer; a stream is open once the sender accepted
     while any stream is open: receive a header (deadline = the latest open stream's wire deadline), post every
     K/V receive it announces at once, plus the next header's when more is certain; contiguous destination runs
-    land in place, the rest in staging; each run is handed over as it lands (delivery: scatter, bookkeeping)
+    land in place, the rest in staging; a staged run is handed over as it lands (delivery: scatter, bookkeeping),
+    runs landing in place are handed over with the next staged run or the batch's last: receives complete in
+    order, so the thread sleeps once per batch, not once per message
     ABORT closes one stream; any receive error or timeout breaks the link: open streams fail and the link takes
     a new token, so the sender's next handshake forms a fresh group
 """
@@ -196,18 +198,24 @@ class RecvLink(Link):
                 if end is not None and self._got[key] >= end.pages_total:
                     self._open.discard(key)
         ahead = self._post_header() if more else None
-        for i, (key, end, run, target, works) in enumerate(posted):
+        start = 0
+        for i, (_, _, _, target, _) in enumerate(posted):
+            if target.in_place and i < len(posted) - 1:
+                continue      # nothing to copy: its bookkeeping can wait for the next staged run or the last
+            group = posted[start:i + 1]
             try:
-                wait_all(works, deadline)
+                wait_all([w for *_, works in group for w in works], deadline)
             except Exception:
-                for _, e, _, t, _ in posted[i:]:
+                for _, e, _, t, _ in posted[start:]:
                     if e is not None:
                         e.on_lost(t)
                 raise
             if self.stream is not None:
                 self.stream.synchronize()
-            if end is not None:
-                self._hand_over((key, end, run, target))
+            for key, end, run, target, _ in group:
+                if end is not None:
+                    self._hand_over((key, end, run, target))
+            start = i + 1
         return ahead
 
     def _hand_over(self, item: tuple) -> None:

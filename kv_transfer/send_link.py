@@ -125,6 +125,9 @@ class SendLink(Link):
             wait_all(works, max(j.deadline for j in jobs))
             in_flight.popleft()
             n -= 1
+            for j in jobs:
+                if isinstance(j, PagesJob) and j.on_sent is not None:
+                    j.on_sent()
 
     def _break(self, error: str, in_flight: deque, jobs: list) -> None:
         log.warning("kv_transfer: %s broke: %s", self.name, error)

@@ -40,6 +40,7 @@ class _PullIn:
         self.pages_total = len(rx.needed) * ctx.layout.num_layers
         self.announced = [0] * ctx.layout.num_layers   # pages per layer the link has been told about
         self.received = [0] * ctx.layout.num_layers    # pages per layer delivered
+        self.layers_in = 0                             # layers whose every page was delivered
         self.complete = not rx.needed                  # every page in (or the stream was closed by ABORT)
         self.published = self.replied = self.accepted = self.acked = False
         self.generation = -1
@@ -72,6 +73,8 @@ class TorchDistReceiver(KVReceiver):
                  timeout_s: float) -> None:
         self.ctx, self.spec, self._table = ctx, spec, table
         self.needed = list(range(len(table) - len(new), len(table)))
+        self._dst_ids = list(new)                      # block id of each needed page (table[needed[i]])
+        self._one_run = pages.is_run(new)              # then every run of pages lands in place
         self.wire_key = (spec.request_id, spec.attempt)
         self._writing = 0                              # writes into our blocks in progress (receives, scatters)
         self.life = Lifecycle(f"receiver {spec.key} rank {ctx.layout.tp_rank}", timeout_s, ctx.pool, new,
@@ -99,6 +102,10 @@ class TorchDistReceiver(KVReceiver):
         self.ctx.drain()
         return self.life.poll()
 
+    def wait(self, timeout_s: float) -> TransferStatus:
+        self.life.wait(timeout_s)
+        return self.poll()
+
     def abort(self, reason: str = "aborted by receiver") -> None:
         self.life.fail(reason)
         self.poll()
@@ -122,7 +129,7 @@ class TorchDistReceiver(KVReceiver):
             with self.life.lock:
                 p.published = True
             store.set(p.key("plan"), self._plan(p))
-            p.watch = self.ctx.control.watch(p.key("claim"), functools.partial(self._on_claim, p))
+            p.watch = self.ctx.control.watch(p.key("claim"), functools.partial(self._on_claim, p), hot=True)
 
     def _on_claim(self, p: _PullIn, store, value: bytes) -> None:
         self._handle_reply(p, pb.KVTransferReply.FromString(value), store)
@@ -193,12 +200,12 @@ class TorchDistReceiver(KVReceiver):
             shape = (run.count, layout.block_size, run.num_heads, layout.head_dim)
             if error is not None or self.life.terminal:
                 return discard_target(run, self.ctx.kv.device)
-            ids = [self._table[self.needed[i]] for i in range(run.first, run.first + run.count)]
-            if p.full_heads and pages.is_run(ids):
+            ids = self._dst_ids[run.first:run.first + run.count]
+            if p.full_heads and (self._one_run or pages.is_run(ids)):
                 self._writing += 1
-                kv = self.ctx.kv
-                return RecvTarget(kv[run.layer, 0, ids[0]:ids[0] + run.count],
-                                  kv[run.layer, 1, ids[0]:ids[0] + run.count], in_place=True)
+                kv, start = self.ctx.kv, ids[0]
+                return RecvTarget(kv[run.layer, 0, start:start + run.count],
+                                  kv[run.layer, 1, start:start + run.count], in_place=True)
             return RecvTarget(*(torch.empty(shape, dtype=layout.dtype, device=self.ctx.kv.device) for _ in range(2)))
 
     def _check_run(self, p: _PullIn, run: pb.KVPageRun) -> str | None:
@@ -208,8 +215,7 @@ class TorchDistReceiver(KVReceiver):
         if run.first != p.announced[run.layer] or run.first + run.count > len(self.needed):
             return (f"layer {run.layer}: pages [{run.first}, {run.first + run.count}) announced, expected from "
                     f"{p.announced[run.layer]} of {len(self.needed)}")
-        elem = torch.empty((), dtype=layout.dtype).element_size()
-        expect = run.count * layout.block_size * p.pull.num_heads * layout.head_dim * elem
+        expect = run.count * layout.block_size * p.pull.num_heads * layout.head_dim * self.ctx.kv.element_size()
         if run.num_heads != p.pull.num_heads or run.payload_bytes != expect:
             return f"page run of {run.payload_bytes} bytes / {run.num_heads} heads, expected {expect} / {p.pull.num_heads}"
         return None
@@ -233,7 +239,7 @@ class TorchDistReceiver(KVReceiver):
             scatter = not (self.life.terminal or target.in_place or target.discard)
             self._writing += scatter
         if scatter:
-            ids = [self._table[self.needed[i]] for i in range(run.first, run.first + run.count)]
+            ids = self._dst_ids[run.first:run.first + run.count]
             pages.scatter(self.ctx.kv, run.layer, ids, p.heads, target.k, target.v)
             pages.synchronize(self.ctx.kv.device)
         with self.life.lock:
@@ -241,10 +247,11 @@ class TorchDistReceiver(KVReceiver):
             if 0 <= run.layer < len(p.received):
                 p.received[run.layer] += run.count
                 if p.received[run.layer] == len(self.needed):
+                    p.layers_in += 1
                     self._missing[run.layer] -= 1
                     if self._missing[run.layer] == 0 and not self.life.terminal:
                         self._completed.append(run.layer)
-            p.complete = all(n == len(self.needed) for n in p.received)
+            p.complete = p.layers_in == len(p.received)
             if p.complete:
                 self._check_complete(p)
             return p.complete

@@ -26,6 +26,9 @@ from .rank_context import RankContext, control_key
 from .reshard import HeadPull, pulls_from
 
 
+ACK_POLL_S = 0.01     # how often the ack key is checked while pages are still being sent
+
+
 class _PullOut:
     """One HeadPull leaving here: the receiver rank's plan and how far its page stream got."""
 
@@ -34,8 +37,11 @@ class _PullOut:
         self.pull = pull
         self.heads = pull.src_slice(ctx.layout.total_kv_heads, ctx.layout.tp_size)
         self.link = ctx.links.send_link(tx.spec.src.endpoint(pull.src_rank), tx.spec.dst.endpoint(pull.dst_rank))
-        self.needed: list[int] = []
+        self.needed: list[int] = []                # logical block indices the receiver asked for
+        self.src_ids: list[int] = []               # their block ids here
+        self.run_start: int | None = None          # src_ids[0] when they form one run and every head is sent
         self.queued = [0] * ctx.layout.num_layers   # per layer: positions of `needed` handed to the link
+        self.layers_queued = 0                      # layers whose every page was handed to the link
         self.committed = 0                          # pages gathered for sending (all layers)
         self.replied = self.accepted = self.acked = False
         self.plan_watch: int | None = None
@@ -64,7 +70,7 @@ class TorchDistSender(KVSender):
         if not self._outs:
             self.life.advance(TransferStatus.DONE)   # a replica that no receiver rank pulls from
         for p in self._outs:
-            p.plan_watch = ctx.control.watch(p.key("plan"), functools.partial(self._on_plan, p))
+            p.plan_watch = ctx.control.watch(p.key("plan"), functools.partial(self._on_plan, p), hot=True)
 
     # --- the KVSender interface (caller's thread) -----------------------------------------------------------
 
@@ -91,6 +97,10 @@ class TorchDistSender(KVSender):
         self.ctx.drain()
         return self.life.poll()
 
+    def wait(self, timeout_s: float) -> TransferStatus:
+        self.life.wait(timeout_s)
+        return self.poll()
+
     def abort(self, reason: str = "aborted by sender") -> None:
         self.life.fail(reason)
         self.poll()
@@ -107,9 +117,12 @@ class TorchDistSender(KVSender):
         first, end = pages.next_range(p.needed, p.queued[layer], ready)
         if end > first:
             p.queued[layer] = end
+            p.layers_queued += end == len(p.needed)
+            last = p.layers_queued == self.num_layers      # the ack is due once these pages landed
             p.link.submit(PagesJob(make=functools.partial(self._payload, p, layer, first, end - first),
                                    on_error=self.life.fail, deadline=self._wire_deadline,
-                                   size_bound=self._run_bound))
+                                   size_bound=self._run_bound,
+                                   on_sent=functools.partial(self.ctx.control.heat, p.ack_watch) if last else None))
 
     def _payload(self, p: _PullOut, layer: int, first: int, count: int, stream: object | None):
         """Link thread: K and V of the pages, or None once the transfer ended (its ABORT follows). The gather
@@ -119,7 +132,11 @@ class TorchDistSender(KVSender):
                 return None
             p.committed += count               # from here on these pages are on the wire (or the link breaks)
         self._fences.wait(layer, stream)
-        k, v = pages.gather(self.ctx.kv, layer, [self._src[i] for i in p.needed[first:first + count]], p.heads)
+        if p.run_start is not None:            # one run of blocks, every local head: views, no copy
+            start = p.run_start + first
+            k, v = self.ctx.kv[layer, 0, start:start + count], self.ctx.kv[layer, 1, start:start + count]
+        else:
+            k, v = pages.gather(self.ctx.kv, layer, p.src_ids[first:first + count], p.heads)
         run = pb.KVPageRun(request_id=self.spec.request_id, attempt=self.spec.attempt, layer=layer, first=first,
                            count=count, num_heads=p.pull.num_heads, payload_bytes=k.numel() * k.element_size())
         return run, k, v
@@ -166,8 +183,15 @@ class TorchDistSender(KVSender):
         if result != reply.SerializeToString():
             self.life.fail(f"receiver rank {p.pull.dst_rank} cancelled: {pb.KVTransferReply.FromString(result).error}")
             return
+        # the ack is due only once the last pages were sent (then the watch turns hot); until then a slow poll
+        # still notices a receiver that gave up
+        p.ack_watch = self.ctx.control.watch(p.key("ack"), functools.partial(self._on_ack, p),
+                                             hot=not plan.block_indices, interval_s=ACK_POLL_S)
         with self.life.lock:
             p.needed, p.accepted = list(plan.block_indices), True
+            p.src_ids = [self._src[i] for i in p.needed]
+            full_heads = p.heads == slice(0, self.ctx.layout.num_kv_heads)
+            p.run_start = p.src_ids[0] if p.src_ids and full_heads and pages.is_run(p.src_ids) else None
             if self.life.terminal:
                 self._abort_stream(p, self.life.error or "sender failed")
                 return
@@ -175,7 +199,6 @@ class TorchDistSender(KVSender):
                 self._pump(p, layer)
             if all(q.accepted for q in self._outs):
                 self.life.advance(TransferStatus.TRANSFERRING)
-        p.ack_watch = self.ctx.control.watch(p.key("ack"), functools.partial(self._on_ack, p))
 
     def _on_ack(self, p: _PullOut, store, value: bytes) -> None:
         ack = pb.KVTransferAck.FromString(value)

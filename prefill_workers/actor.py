@@ -6,7 +6,8 @@ import asyncio
 
 import ray
 
-from splitserve.cluster.worker_actor import WorkerActorBase, WorkerSpecification
+from splitserve.cluster.cpu_threads import limit_torch_threads, warm_native_kernels
+from splitserve.cluster.worker_actor import WorkerActorBase, WorkerSpecification, build_worker
 from splitserve.kv_transfer import TransferSpec
 from splitserve.work import WorkRequest
 
@@ -16,7 +17,9 @@ from .worker import PrefillWorker
 @ray.remote(max_restarts=0, max_task_retries=0)
 class PrefillWorkerActor(WorkerActorBase):
     def __init__(self, spec: WorkerSpecification) -> None:
-        self.worker = PrefillWorker(spec.worker_id, spec.engine, spec.kv)
+        limit_torch_threads()          # its CPU share, not every core of the node
+        warm_native_kernels(spec.engine.device)     # a first-use build, before ready(), not in a step
+        self.worker, self.followers = build_worker(PrefillWorker, spec, reserve_full_prompt=True)
         self.worker.start()
 
     async def prefill(self, req: WorkRequest, spec: TransferSpec) -> tuple[int, int]:

@@ -1,7 +1,8 @@
 """The prefill worker: batches prompts (chunked prefill), streams each layer's KV to a decode worker as soon as
 the layer is computed, and returns the first token.
 
-    prefill(req, spec) ──> engine queue (blocks for the whole prompt reserved at admission)
+    prefill(req, spec) ──> engine queue (blocks for the whole prompt reserved at admission); a recovery (committed
+                           tokens: its client is mid-stream, stalled) goes to the head of the queue
         step: schedule ──> before_execute: create a KV sender per newly scheduled request (pins its blocks)
               forward layer 0 ──> sender.layer_ready(0, tokens so far) ──> pages of layer 0 leave
               forward layer 1 ──> ...                                     (transfer overlaps compute)
@@ -47,8 +48,12 @@ class PrefillWorker(StepLoop):
     def prefill(self, req: WorkRequest, spec: TransferSpec) -> Future:
         """Queue the prompt (+ committed tokens); the returned future yields the next token."""
         params = dataclasses.replace(req.params, seed=req.seed, max_tokens=len(req.committed_token_ids) + 1)
-        self.engine.add_request(req.request_id, req.prompt_token_ids, params,
-                                committed_token_ids=req.committed_token_ids)
+        seq = self.engine.add_request(req.request_id, req.prompt_token_ids, params,
+                                      committed_token_ids=req.committed_token_ids)
+        if req.committed_token_ids:       # a stream stalled mid-way (its decode worker died): ahead of new prompts
+            waiting = self.engine.scheduler.waiting
+            waiting.remove(seq)
+            waiting.appendleft(seq)
         fut: Future = Future()
         self.specs[req.request_id], self.results[req.request_id] = spec, fut
         return fut

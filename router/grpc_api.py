@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 STATUS = {"invalid_argument": grpc.StatusCode.INVALID_ARGUMENT, "not_found": grpc.StatusCode.NOT_FOUND,
+          "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
           "unavailable": grpc.StatusCode.UNAVAILABLE, "internal": grpc.StatusCode.INTERNAL}
 FIELD_METADATA_KEY = "splitserve-field"    # trailing metadata naming the offending field
 

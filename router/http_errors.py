@@ -7,6 +7,7 @@ a body past `max_body_bytes` is a 413 before any of it is parsed.
 from __future__ import annotations
 
 import json
+import math
 import logging
 
 from fastapi import FastAPI, Request
@@ -21,9 +22,9 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 _DRAIN_CAP_BYTES = 64 * 1024 * 1024
 _STATUS = {"invalid_argument": 400, "unauthenticated": 401, "not_found": 404, "too_large": 413,
-           "unavailable": 503, "internal": 500}
+           "resource_exhausted": 429, "unavailable": 503, "internal": 500}
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          405: "invalid_request_error", 413: "invalid_request_error", 500: "internal_error",
+          405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error", 500: "internal_error",
           503: "service_unavailable"}
 
 
@@ -76,7 +77,9 @@ def install_error_handlers(app: FastAPI, known_fields: set[str]) -> None:
 
     @app.exception_handler(ServiceError)
     async def _service(request: Request, exc: ServiceError) -> JSONResponse:
-        return error_response(service_error_status(exc), exc.message, exc.field)
+        retry_after = getattr(exc, "retry_after_s", None)   # an overloaded router says when to try again
+        headers = {"Retry-After": str(math.ceil(retry_after))} if retry_after else None
+        return error_response(service_error_status(exc), exc.message, exc.field, headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

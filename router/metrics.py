@@ -57,6 +57,15 @@ class Metrics:
                                   registry=r)
         self.recoveries = Counter("splitserve_recoveries", "Requests recovered after a worker failure.",
                                   registry=r)
+        self.reprefill_tokens = Counter("splitserve_reprefill_tokens",
+                                        "Tokens (prompt + committed) prefilled again because a request was re-placed "
+                                        "after a fault, less the prefix-cache hits placement expected; a live "
+                                        "migration adds none.", registry=r)
+        self.admission_decisions = Counter("splitserve_admission_decisions",
+                                           "Admission control outcomes: admitted, admitted_after_wait, rejected.",
+                                           ["decision"], registry=r)
+        self.admission_waiting = Gauge("splitserve_admission_waiting", "Requests waiting for admission.",
+                                       registry=r)
         self.prefix_cache_hit_tokens = Counter("splitserve_prefix_cache_hit_tokens",
                                                "Prompt tokens served from the prefix cache.", registry=r)
 
@@ -99,6 +108,15 @@ class Metrics:
 
     def count_recovery(self, n: int = 1) -> None:
         self.recoveries.inc(n)
+
+    def count_reprefill(self, num_tokens: int) -> None:
+        self.reprefill_tokens.inc(max(0, num_tokens))
+
+    def count_admission(self, decision: str) -> None:
+        self.admission_decisions.labels(decision).inc()
+
+    def set_admission_waiting(self, n: int) -> None:
+        self.admission_waiting.set(n)
 
     def count_prefix_hit_tokens(self, n: int) -> None:
         self.prefix_cache_hit_tokens.inc(n)

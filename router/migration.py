@@ -3,10 +3,11 @@
     drain(target, deadline) ─> mark the matching workers draining (no new work)
       decode worker D, for each of its requests r:
          deadline far enough ─> live migration:  D.migrate_out(r) ─> detached, its KV streams to D'
-                                                 D'.expect(r, computed tokens) ─> D'.begin_decode(r, next token)
+                                                 D'.expect(r, computed tokens, next token): one call
                                                  the stream switches to D' with no recompute
          too close, or the migration fails ─> recompute: re-placed with its committed tokens (prefill again)
       prefill worker P: gets no new prompts; the prefills it has finish (or are retried if it dies)
+    the drain ends once D has sent all the live KV it migrates (within the deadline): the caller may stop D then
 
 Tokens D produced before it detached the request are committed from the migration state, so none are lost;
 updates D sends afterwards for that request are stale and dropped by the router.
@@ -64,10 +65,25 @@ async def drain(router, target: str, deadline_s: float) -> DrainReport:
     for h in handles:          # prefill workers: let their in-flight prompts finish, within the deadline
         while h.role == "prefill" and router.prefill_inflight(h.worker_id) and time.monotonic() < end:
             await asyncio.sleep(0.05)
+    for h in handles:          # decode workers: the KV they send must land before the caller may stop them
+        if h.role != "prefill":
+            await _outgoing_done(h, end)
     report.seconds = time.monotonic() - started
     router.metrics.count_migration(report.migrated)
     log.info("drained %s: %s", target, report.to_dict())
     return report
+
+
+async def _outgoing_done(handle, end: float) -> None:
+    """Wait, within the deadline, until `handle` has sent all the live KV it is migrating: a worker removed (or a
+    node gone) mid-transfer would turn those migrations into recomputes after the receiver's timeout."""
+    while time.monotonic() < end:
+        try:
+            if not await handle.actor.migrations_in_flight.remote():
+                return
+        except Exception:      # gone: the receivers fail their transfers and those requests are recomputed
+            return
+        await asyncio.sleep(0.02)
 
 
 async def _move(router, req, source, end: float) -> bool:
@@ -90,7 +106,8 @@ async def _live(router, req, source, dst_id: str) -> bool:
     if req.task is not None and not req.task.done():
         await asyncio.wait([req.task])     # still being placed: migrate once it is decoding
     attempt = req.placements               # the next placement's number
-    spec = TransferSpec(rid, WorkerSpec(source.worker_id), WorkerSpec(dst_id), num_tokens=1, attempt=attempt,
+    sides = WorkerSpec(source.worker_id, source.tp), WorkerSpec(dst_id, router.pools.decode[dst_id].tp)
+    spec = TransferSpec(rid, *sides, num_tokens=1, attempt=attempt,
                         timeout_s=router.config.migration_timeout_s)
     state = await source.actor.migrate_out.remote(rid, spec)
     while state == PENDING:                # its KV is still arriving on the source: ask again shortly
@@ -107,9 +124,9 @@ async def _live(router, req, source, dst_id: str) -> bool:
         return True
     req.decode, req.prefill = dst_id, None               # from here on, D's updates for rid are stale
     work = router.work_for(req, committed_upto=state.num_computed_tokens - state.num_prompt_tokens)
-    spec = TransferSpec(rid, WorkerSpec(source.worker_id), WorkerSpec(dst_id), num_tokens=state.num_computed_tokens,
+    spec = TransferSpec(rid, *sides, num_tokens=state.num_computed_tokens,
                         attempt=attempt, timeout_s=router.config.migration_timeout_s)
     dst = router.pools.decode[dst_id]
-    await dst.actor.expect.remote(work, spec)
-    await dst.actor.begin_decode.remote(rid, state.token_ids[state.num_computed_tokens])
+    # the next token is known already: expect() takes it, so D' admits as soon as the KV is in (no begin_decode)
+    await dst.actor.expect.remote(work, spec, state.token_ids[state.num_computed_tokens])
     return True

@@ -100,6 +100,11 @@ class RequestLogs:
         with self._lock:
             return self._logs.get(request_id)
 
+    def discard(self, request_id: str) -> None:
+        """Forget a log whose request was refused before it was acknowledged, so that its id is free again."""
+        with self._lock:
+            self._logs.pop(request_id, None)
+
     def unfinished(self) -> list[RequestLog]:
         with self._lock:
             return [log for log in self._logs.values() if not log.finished]

@@ -23,6 +23,7 @@ from splitserve.engine.tokenizer import Detokenizer, Tokenizer
 from splitserve.kv_transfer import TransferSpec, WorkerSpec
 from splitserve.work import TokenUpdate, WorkRequest
 
+from .admission import AdmissionConfig, AdmissionQueue, Estimate, LatencyModel, Overloaded
 from .journal import Journal, JournalError, JournalRecord, RequestIdInUse
 from .journal_memory import MemoryJournal
 from .metrics import Metrics
@@ -40,10 +41,12 @@ class RouterConfig:
     max_placements: int = 5               # placements per request (1 + migrations/recoveries) before it fails
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 10.0
+    stuck_timeout_s: float = 120.0        # a live worker whose step has run this long is declared lost
     colocated: bool = False
     log_ttl_s: float = 300.0
     migration_timeout_s: float = 10.0     # deadline of one live KV migration
     replace_dead_workers: bool = True     # keep each pool at its size: a dead worker gets a successor
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)   # TTFT/TPOT targets (off by default)
 
 
 @dataclass(slots=True)
@@ -58,6 +61,9 @@ class _Request:
     last_token_at: float | None = None
     finished: bool = False
     task: asyncio.Task | None = None
+    prefill_on: str | None = None         # the worker computing its prompt now (prefill or, locally, decode)
+    prefill_tokens: int = 0
+    prefill_started: float = 0.0
 
 
 class Router:
@@ -79,6 +85,9 @@ class Router:
         self._inflight_prefill: dict[str, int] = {}
         self._closing = False
         self._eos = frozenset(eos_token_ids)
+        self.latency = LatencyModel(config.admission.alpha, config.admission.fixed_cost_seqs)
+        self.admission = AdmissionQueue(config.admission)
+        self._unplaced: dict[str, int] = {}   # admitted, prompt not handed to a worker yet: id -> tokens
 
     # ---- lifecycle ------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -116,6 +125,46 @@ class Router:
             raise ServiceError("unavailable", "the server is shutting down")
         validate_request(request, self.model_name, self.info.vocab_size, self.info.max_model_len)
         rid = request.request_id or f"req-{uuid.uuid4().hex}"
+        if self.logs.get(rid) is not None:
+            raise ServiceError("invalid_argument", f"request_id {rid!r} is already in use", "request_id")
+        await self._admit(rid, request.prompt_token_ids)
+        try:
+            return await self._accept(rid, request)
+        except BaseException:
+            self._unplaced.pop(rid, None)
+            raise
+
+    async def _admit(self, rid: str, token_ids: list[int]) -> None:
+        """Admission control (router/admission.py): wait for room under the TTFT/TPOT targets, or refuse."""
+        if not self.config.admission.enabled:
+            return
+        self.metrics.set_admission_waiting(self.admission.num_waiting + 1)
+        try:
+            waited, queued = await self.admission.admit(lambda: self._estimate(token_ids), lambda: self._closing)
+        except Overloaded:
+            self.metrics.count_admission("rejected")
+            raise
+        finally:
+            self.metrics.set_admission_waiting(self.admission.num_waiting)
+        self.metrics.count_admission("admitted_after_wait" if queued else "admitted")
+        self.metrics.observe_queue_time(waited)
+        self._unplaced[rid] = len(token_ids)
+
+    def _estimate(self, token_ids: list[int]) -> Estimate:
+        decode = self._candidates(self.pools.decode)
+        if not decode:
+            return Estimate(None, None, True, True)      # placement waits for a decode worker anyway
+        choice = place(token_ids, decode, self._candidates(self.pools.prefill), self.info.block_size, self.salt,
+                       self.config.local_prefill_threshold, self.config.colocated)
+        pending_tokens, pending = sum(self._unplaced.values()), len(self._unplaced)
+        active = next(c.active_requests for c in decode if c.worker_id == choice.decode) + pending
+        prefill_id = choice.prefill or choice.decode
+        queued = self._inflight_prefill.get(prefill_id, 0) + pending_tokens
+        return Estimate(self.latency.ttft(prefill_id, queued, len(token_ids) - choice.cached_tokens),
+                        self.latency.tpot(choice.decode, active + 1), prefill_idle=queued == 0,
+                        decode_idle=active == 0)
+
+    async def _accept(self, rid: str, request: GenerateRequest) -> str:
         request_log = self.logs.create(rid)
         if request_log is None:
             raise ServiceError("invalid_argument", f"request_id {rid!r} is already in use", "request_id")
@@ -125,9 +174,10 @@ class Router:
         try:        # acknowledged only once journaled: a restarted router must find every id it handed out
             await asyncio.to_thread(self.journal.create, JournalRecord.of_work(work, self.info.fingerprint))
         except JournalError as e:
-            request_log.append(TokenEvent(rid, 0, [], "", True, "error", error=str(e)))   # the log expires
             if isinstance(e, RequestIdInUse):
+                request_log.append(TokenEvent(rid, 0, [], "", True, "error", error=str(e)))   # the log expires
                 raise ServiceError("invalid_argument", f"request_id {rid!r} is already in use", "request_id")
+            self.logs.discard(rid)      # refused, never acknowledged: the client may send the same id again
             raise ServiceError("unavailable", f"cannot record the request: {e}") from None
         req = _Request(work, request_log, Detokenizer(self._tokenizer, p.stop))
         self.requests[rid] = req
@@ -180,6 +230,7 @@ class Router:
         """Shrink a pool while serving: drain the worker (its requests move), then stop it."""
         report = await self.drain(worker_id, deadline_s)
         await asyncio.to_thread(self.pools.remove_worker, worker_id)
+        self._loads.pop(worker_id, None)         # GetLoad no longer lists it (with its last, stale load)
         return report
 
     def workers(self) -> list[dict]:
@@ -242,8 +293,8 @@ class Router:
     def _candidates(self, handles: dict) -> list[Candidate]:
         out = []
         for h in handles.values():
-            if not h.alive or h.draining:
-                continue
+            if not h.alive or h.draining or not h.pid:
+                continue                         # dead, draining, or still loading
             load = self._loads.get(h.worker_id)
             active = sum(1 for r in self.requests.values() if not r.finished and r.decode == h.worker_id)
             out.append(Candidate(h.worker_id, active, self._inflight_prefill.get(h.worker_id, 0),
@@ -258,40 +309,45 @@ class Router:
                 self._finish(req, "error", error=f"request {req.work.request_id} failed after {req.placements} "
                                                  "placements (workers kept failing)")
                 return
-            req.placements += 1
-            req.work.attempt = req.placements - 1
             try:
                 choice = place(req.work.token_ids, self._candidates(self.pools.decode),
                                self._candidates(self.pools.prefill), self.info.block_size, self.salt,
                                self.config.local_prefill_threshold, self.config.colocated)
             except LookupError:
-                await asyncio.sleep(0.5)         # every decode worker is gone or draining: wait for one
-                continue
+                await asyncio.sleep(0.5)         # every decode worker is gone or draining: wait for one (waiting
+                continue                         # is not a placement: a lone worker's successor may take a while)
+            req.placements += 1
+            req.work.attempt = req.placements - 1
             self.metrics.count_placement(choice.reason)
+            if req.work.attempt:                 # re-placed after a fault: prompt + committed tokens computed again
+                self.metrics.count_reprefill(len(req.work.token_ids) - choice.cached_tokens)
             req.decode, req.prefill = choice.decode, choice.prefill
             try:
-                await self._run_placement(req, choice.prefill)
+                await self._run_placement(req, choice.prefill, len(req.work.token_ids) - choice.cached_tokens)
                 return
             except Exception as e:               # a worker died or refused: try again elsewhere
                 log.warning("placement %d of %s failed: %s", req.placements, req.work.request_id, e)
                 await self._release(req)
                 self._check_worker_health(req.decode, req.prefill)
 
-    async def _run_placement(self, req: _Request, prefill_id: str | None) -> None:
+    async def _run_placement(self, req: _Request, prefill_id: str | None, uncached: int) -> None:
         attempt = req.work.attempt
         d = self.pools.decode[req.decode]
-        if prefill_id is None:
+        if prefill_id is None:             # the decode worker prefills: done when its first token arrives
+            self._prefill_begins(req, req.decode, uncached)
             await d.actor.submit_local.remote(req.work)
             return
         p = self.pools.prefill[prefill_id]
-        spec = TransferSpec(req.work.request_id, WorkerSpec(prefill_id), WorkerSpec(req.decode),
+        spec = TransferSpec(req.work.request_id, WorkerSpec(prefill_id, p.tp), WorkerSpec(req.decode, d.tp),
                             num_tokens=len(req.work.token_ids), attempt=req.work.attempt)
-        await d.actor.expect.remote(req.work, spec)
-        self._inflight_prefill[prefill_id] = self._inflight_prefill.get(prefill_id, 0) + len(req.work.token_ids)
+        self._prefill_begins(req, prefill_id, uncached)
+        ok = False
         try:
+            await d.actor.expect.remote(req.work, spec)
             token, hits = await p.actor.prefill.remote(req.work, spec)
+            ok = True
         finally:
-            self._inflight_prefill[prefill_id] -= len(req.work.token_ids)
+            self._prefill_ends(req, ok)
         if req.work.attempt != attempt:          # re-placed while this prefill ran: its token is not ours
             return
         self.commit(req, [token], num_cached=hits)
@@ -299,8 +355,26 @@ class Router:
             await d.actor.begin_decode.remote(req.work.request_id, token)
             req.prefill = None                   # from here on the request no longer depends on the prefill worker
 
+    def _prefill_begins(self, req: _Request, worker_id: str, num_tokens: int) -> None:
+        self._unplaced.pop(req.work.request_id, None)
+        self._prefill_ends(req, False)
+        req.prefill_on, req.prefill_tokens, req.prefill_started = worker_id, num_tokens, time.monotonic()
+        self._inflight_prefill[worker_id] = self._inflight_prefill.get(worker_id, 0) + num_tokens
+
+    def _prefill_ends(self, req: _Request, completed: bool) -> None:
+        """The prompt's computation finished (`completed`: it counts towards the worker's measured rate) or was
+        abandoned; admission looks again either way."""
+        if req.prefill_on is None:
+            return
+        wid, req.prefill_on = req.prefill_on, None
+        self._inflight_prefill[wid] = max(0, self._inflight_prefill.get(wid, 0) - req.prefill_tokens)
+        if completed:
+            self.latency.prefill_done(wid, req.prefill_tokens, req.prefill_started)
+        self.admission.notify()
+
     async def _release(self, req: _Request) -> None:
         """Tell the workers holding the request to drop it (frees their blocks); errors mean they are gone."""
+        self._prefill_ends(req, False)
         for worker_id, pool in ((req.decode, self.pools.decode), (req.prefill, self.pools.prefill)):
             handle = pool.get(worker_id) if worker_id else None
             if handle is not None and handle.alive:
@@ -314,6 +388,8 @@ class Router:
                 num_cached: int = 0) -> None:
         if req.finished or (not token_ids and not finished):
             return                     # an event carries tokens or ends the stream: seqs stay contiguous
+        if req.prefill_on is not None and token_ids:
+            self._prefill_ends(req, True)              # a local prefill's first token
         now = time.monotonic()
         p = req.work.params
         eos = self._eos
@@ -347,6 +423,8 @@ class Router:
         if finished:
             self.journal.finish(req.work.request_id, reason or "stop")
             req.finished = True
+            self._prefill_ends(req, False)
+            self.admission.notify()
             self.metrics.observe_finished(reason or "stop", now - req.started)
             self.requests.pop(req.work.request_id, None)
             if reason == "stop" or reason == "length":
@@ -357,6 +435,8 @@ class Router:
             return
         req.finished = True
         self.requests.pop(req.work.request_id, None)
+        self._prefill_ends(req, False)
+        self.admission.notify()
         event = TokenEvent(req.work.request_id, 0, [], req.detok.flush(), True, reason, error=error,
                            num_prompt_tokens=len(req.work.prompt_token_ids),
                            num_output_tokens=len(req.work.committed_token_ids))
@@ -375,6 +455,7 @@ class Router:
                 log.warning("decode worker %s is unreachable: %s", handle.worker_id, e)
                 await self._worker_lost(handle)
                 return
+            batch = len({u.request_id for u in updates})
             for u in updates:
                 req = self.requests.get(u.request_id)
                 if req is None or req.decode != handle.worker_id or u.attempt != req.work.attempt:
@@ -383,21 +464,27 @@ class Router:
                     log.warning("%s on %s: %s", u.request_id, handle.worker_id, u.error)
                     req.task = asyncio.create_task(self._place(req))
                     continue
+                previous = (req.last_token_at if req.prefill_on is None and len(req.work.committed_token_ids) > 1
+                            else None)      # not the gap after a prefill (it includes the KV transfer)
                 self.commit(req, u.token_ids, u.finished, u.finish_reason, u.num_cached_tokens)
+                if previous is not None and u.token_ids:    # a decode step's gap: time per output token
+                    self.latency.token_gap(handle.worker_id, (time.monotonic() - previous) / len(u.token_ids), batch)
 
     # ---- health ---------------------------------------------------------------------------------------
     async def _heartbeats(self) -> None:
         while not self._closing:
             for handle in self.pools.all():
-                if not handle.alive:
-                    continue
+                if not handle.alive or not handle.pid:
+                    continue                     # dead, or still loading its model (a replacement being added)
                 try:
                     self._loads[handle.worker_id] = await asyncio.wait_for(handle.actor.load.remote(),
                                                                            self.config.heartbeat_timeout_s)
                 except asyncio.CancelledError:
                     raise
                 except Exception as e:
-                    log.warning("worker %s missed its heartbeat: %s", handle.worker_id, e)
+                    if isinstance(e, asyncio.TimeoutError) and await self._only_slow(handle):
+                        continue
+                    log.warning("worker %s missed its heartbeat: %s", handle.worker_id, e or type(e).__name__)
                     await self._worker_lost(handle)
             self.metrics.set_load(self.load())
             await asyncio.sleep(self.config.heartbeat_interval_s)
@@ -411,8 +498,24 @@ class Router:
     async def _probe(self, handle) -> None:
         try:
             await asyncio.wait_for(handle.actor.load.remote(), self.config.heartbeat_timeout_s)
+        except Exception as e:
+            if not (isinstance(e, asyncio.TimeoutError) and await self._only_slow(handle)):
+                await self._worker_lost(handle)
+
+    async def _only_slow(self, handle) -> bool:
+        """`load` timed out. On a starved machine a step can outlast the heartbeat timeout while the worker is
+        fine: it is kept if its process answers `ping` off the step loop, the loop is alive, and its current
+        step has run less than `stuck_timeout_s`. A dead process or a stuck loop is lost."""
+        try:
+            info = await asyncio.wait_for(handle.actor.ping.remote(), self.config.heartbeat_timeout_s)
+        except asyncio.CancelledError:
+            raise
         except Exception:
-            await self._worker_lost(handle)
+            return False
+        slow = info["alive"] and info["busy_s"] < self.config.stuck_timeout_s
+        if slow:
+            log.info("worker %s is slow (step running for %.1f s), not lost", handle.worker_id, info["busy_s"])
+        return slow
 
     async def _replace_worker(self, role: str) -> None:
         try:
@@ -426,6 +529,7 @@ class Router:
             return
         handle.alive = False
         self._loads.pop(handle.worker_id, None)
+        self.latency.forget(handle.worker_id)
         await asyncio.to_thread(self.pools.release_resources, handle)
         if self.config.replace_dead_workers and not self._closing:
             self._tasks.append(asyncio.create_task(self._replace_worker(handle.role)))

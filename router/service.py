@@ -17,7 +17,8 @@ from splitserve.engine.sampling_params import SamplingParams
 
 
 class ServiceError(Exception):
-    """An error a front end maps to a status: `kind` is invalid_argument, not_found, unavailable or internal."""
+    """An error a front end maps to a status: `kind` is invalid_argument, not_found,
+    resource_exhausted (overloaded: retry later), unavailable or internal."""
 
     def __init__(self, kind: str, message: str, field: str | None = None) -> None:
         super().__init__(message)

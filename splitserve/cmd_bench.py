@@ -8,7 +8,7 @@ import importlib
 
 HARNESSES = {
     "engine": ("splitserve.bench.engine_bench", "decode throughput vs HF transformers and the GEMM roofline"),
-    "kv": ("splitserve.bench.kv_bench", "KV streaming throughput vs raw torch.distributed send/recv"),
+    "kv": ("splitserve.bench.kv_bench", "KV streaming vs raw torch.distributed send/recv; TTFT with streaming"),
     "serve": ("splitserve.bench.serve_bench", "online serving: TTFT/TPOT/goodput against any OpenAI URL"),
     "layer-parallel": ("splitserve.bench.layer_parallel_bench", "layer-pair parallelism: quality vs speed-up"),
 }

@@ -4,6 +4,13 @@ the recovery stalls. The logic is in `bench/chaos_run.py` (importable as `splits
 
     splitserve chaos --duration 120 --kill-every 30 --mode mixed             # launches `serve` itself
     splitserve chaos --url http://host:8000 --grpc host:50051 --mode drain --json
+
+The recovery-stall figures in docs/benchmarks.md (512-token contexts: 480-token prompts, 64 new tokens):
+
+    splitserve chaos --mode kill --victims decode --duration 280 --kill-every 13 --prompt-tokens 480 --max-tokens 64 \
+        --concurrency 6 --compare 24 --launch "--prefill-workers 1 --decode-workers 4 --dtype float32 --kv-cache-gb 0.25 \
+        --cpus-per-worker 0.5"
+    splitserve chaos --mode drain --replace ...   (the same otherwise)
 """
 
 from __future__ import annotations
@@ -44,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference", choices=REFERENCES, default="replay",
                    help="fault-free outputs: replay on the same server afterwards, or a local engine")
     p.add_argument("--dtype", default="float32", help="the local reference engine's dtype (default float32)")
+    p.add_argument("--compare", type=int, default=0, metavar="N",
+                   help="compare at most N of the requests in flight around a fault with the reference, those that "
+                        "saw the most faults first (default 0: all; a long run's replay takes as long as its load)")
     p.add_argument("--request-timeout", type=float, default=300.0)
     p.add_argument("--idle-timeout", type=float, default=120.0, help="wait this long for the cluster to be idle")
     p.add_argument("--api-key", default=None, help="the server's API key (default: $SPLITSERVE_API_KEY)")
@@ -66,7 +76,7 @@ def config_from(args: argparse.Namespace):
                        drain_deadline_s=args.drain_deadline, seed=args.seed, reference=args.reference,
                        dtype=args.dtype, request_timeout_s=args.request_timeout, idle_timeout_s=args.idle_timeout,
                        api_key=args.api_key or settings.api_key, ray_address=args.ray_address, log_dir=args.log_dir,
-                       replace=args.replace, rounds=args.rounds)
+                       replace=args.replace, rounds=args.rounds, compare=args.compare)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,6 +101,7 @@ def render(report: dict) -> str:
             f"held {f['held']}, stall max {f.get('stall_max_s')} s"
             + (f", migrated {f['migrated']}, recomputed {f['recomputed']} in {f['drain_seconds']} s"
                if f["kind"] == "drain" else "")
+            + (f", re-prefilled {f['reprefill_tokens']} tokens" if f.get("reprefill_tokens") is not None else "")
             + (f", replaced by {f['replaced_by']}" if f.get("replaced_by") else "")
             + (f"; error: {f['error']}" if f.get("error") else ""))
         where = f"r{f['round']} " if "round" in f else ""
@@ -100,8 +111,10 @@ def render(report: dict) -> str:
     lines.append("recovery stall (longest gap between chunks around a fault, over the requests the victim held):")
     for kind in ("kill", "drain"):
         k = s[kind]
+        reprefill = k.get("reprefill_tokens")
         lines.append(f"  {kind:<5}: {k['faults']} faults, {k['affected']} requests, p50 {k['p50_s']} s, "
-                     f"p99 {k['p99_s']} s, max {k['max_s']} s")
+                     f"p99 {k['p99_s']} s, max {k['max_s']} s, re-prefilled tokens "
+                     f"{'n/a' if reprefill is None else reprefill}")
     lines.append(f"  steady inter-chunk gap: p50 {s['steady_itl']['p50_s']} s, p99 {s['steady_itl']['p99_s']} s")
     lines.append("invariants:")
     for name, v in report["invariants"].items():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from abc import ABC, abstractmethod
 from concurrent.futures import Future
 from typing import Any, Callable
@@ -31,6 +32,7 @@ class StepLoop(ABC):
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"{name}-steps", daemon=True)
         self.error: BaseException | None = None
+        self._busy_since: float | None = None     # when the current command or tick began; None while idle
 
     def start(self) -> None:
         self._thread.start()
@@ -44,6 +46,13 @@ class StepLoop(ABC):
     @property
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None
+
+    @property
+    def busy_s(self) -> float:
+        """How long the loop has been inside its current command or tick (0 while idle): a health check that
+        cannot get an answer through the loop tells a slow step (the CPU is starved) from a stuck one."""
+        since = self._busy_since
+        return 0.0 if since is None else time.monotonic() - since
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Future:
         """Run `fn(*args)` on the loop thread; the future holds its result or exception."""
@@ -73,8 +82,11 @@ class StepLoop(ABC):
     def _run(self) -> None:
         try:
             while not self._stopped.is_set():
+                self._busy_since = time.monotonic()
                 self._run_commands()
-                if not self.tick():
+                worked = self.tick()
+                self._busy_since = None
+                if not worked:
                     self._wake.wait(self.idle_wait_s)
                     self._wake.clear()
         except BaseException as e:        # the worker is broken: report it through health checks

@@ -76,13 +76,20 @@ def node_args(name: str, cluster_dir: Path, cpus: int, resources: dict, object_s
     ]
 
 
-def run_ray_start(cluster_dir: Path, name: str, cmd: list[str], health_check_ms: int | None) -> None:
+def run_ray_start(cluster_dir: Path, name: str, cmd: list[str], health_check_ms: int | None,
+                  attempts: int = 2) -> None:
+    """`ray start` gives a node a fixed 30 s to register with the GCS, which a loaded machine can miss: on
+    failure this node's half-started processes are killed and it is started once more."""
     log = cluster_dir / f"{name}.start.log"  # the daemons inherit it too, so their stray output lands here
-    with log.open("w") as out:
-        code = subprocess.run(cmd, env=node_env(cluster_dir, name, health_check_ms), stdout=out, stderr=out).returncode
-    if code != 0:
-        stop_all(cluster_dir)
-        raise SystemExit(f"`ray start` for node {name} failed ({code}):\n" + log.read_text()[-3000:])
+    for attempt in range(attempts):
+        with log.open("a" if attempt else "w") as out:
+            env = node_env(cluster_dir, name, health_check_ms)
+            code = subprocess.run(cmd, env=env, stdout=out, stderr=out).returncode
+        if code == 0:
+            return
+        stop_node(cluster_dir, name, grace=2)
+    stop_all(cluster_dir)
+    raise SystemExit(f"`ray start` for node {name} failed ({code}):\n" + log.read_text()[-3000:])
 
 
 def node_processes(cluster_dir: Path, name: str | None = None) -> list[tuple[int, str]]:
@@ -206,14 +213,38 @@ def start(a: argparse.Namespace) -> int:
           file=sys.stderr)
     if not a.serve:
         return 0
-    serve = ["splitserve", "serve", "--address", address, "--prefill-workers", str(a.prefill),
+    serve = [*splitserve_cli(), "serve", "--address", address, "--prefill-workers", str(a.prefill),
              "--decode-workers", str(a.decode), *a.serve_args]
-    try:  # the cluster lives as long as the server: Ctrl-C stops both
-        return subprocess.run(serve, env=node_env(cluster_dir, "driver")).returncode
-    except KeyboardInterrupt:
-        return 130
+    try:  # the cluster lives as long as the server: Ctrl-C stops both, the server first
+        return run_server(serve, node_env(cluster_dir, "driver"))
     finally:
         stop_all(cluster_dir)
+
+
+def splitserve_cli() -> list[str]:
+    beside = Path(sys.executable).with_name("splitserve")
+    return [str(beside)] if beside.exists() else [sys.executable, "-m", "splitserve.cli"]
+
+
+def run_server(cmd: list[str], env: dict[str, str]) -> int:
+    """Run `splitserve serve` until it exits and return its exit status. Ctrl-C and SIGTERM are passed on to it
+    as SIGINT, so it drains, removes its workers and exits 0 before the cluster goes. It runs in its own session,
+    so a terminal's Ctrl-C reaches it once (through here), not twice (a second one cuts its drain short)."""
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def forward(signum, frame) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if proc.poll() is None:   # only if waiting itself failed
+            proc.kill()
+            proc.wait()
 
 
 def status(a: argparse.Namespace) -> int:

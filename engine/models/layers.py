@@ -6,6 +6,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attention.cpu_kernels import native_ops
+
+
+def fused_bf16_ops(x: torch.Tensor):
+    """The native fused layers (`cpu_layers.cpp`) for bfloat16 CPU tensors, when they could be built; else None.
+    float32 always takes the ATen formulas: it is the dtype that must match HF exactly."""
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu":
+        return None
+    return native_ops()
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
@@ -14,6 +24,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (ops := fused_bf16_ops(x)) is not None:      # same formula in one pass (8 ATen ops otherwise)
+            return ops.rms_norm(x, self.weight, self.eps)
         # float32 statistics and the same two roundings as HF (normalize, cast, then scale); F.rms_norm is one
         # fused op, bit-identical to HF's x * rsqrt(mean(x^2) + eps)
         normed = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
@@ -78,6 +90,8 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (ops := fused_bf16_ops(x)) is not None:
+            return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 

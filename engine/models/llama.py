@@ -87,8 +87,11 @@ class LlamaForCausalLM(nn.Module):
                     ctx.on_layer_done(done)
         return self.norm(x)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
+        """Logits of `hidden`'s rows, in float32 (upcast=False: in the model dtype, e.g. for a greedy argmax,
+        which the exact bfloat16 -> float32 upcast cannot change)."""
+        logits = self.lm_head(hidden)
+        return logits.float() if upcast else logits
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Take HF-named tensors; q/k/v and gate/up are packed into their fused projections."""

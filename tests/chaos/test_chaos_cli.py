@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from splitserve.bench.chaos_run import (ChaosConfig, RequestRecord, check_ray, eligible, percentile, stall_around,
-                                       summarize_ray_usage)
+from splitserve.bench.chaos_run import (ChaosConfig, Fault, RequestRecord, attribute_reprefill, check_ray, eligible,
+                                       percentile, stall_around, stall_figures, summarize_ray_usage)
 
 LAUNCH = "--prefill-workers 1 --decode-workers 3 --dtype float32 --kv-cache-gb 0.25 --cpus-per-worker 0.5"
 
@@ -118,3 +118,19 @@ def test_ray_check_finds_a_placement_group_left_by_a_dead_worker():
     leaked = summarize_ray_usage(node({"aa": 0.5}, cpu_free=0.5))                 # 1 CPU held by something else
     plain, _ = check_ray(before, leaked, live_workers=1)
     assert not plain["ok"] and "CPU 0 -> 1" in plain["detail"]
+
+
+def test_reprefilled_tokens_go_to_the_fault_before_them():
+    faults = [Fault("drain", 1.0, "d0", "decode", injected=True, held=1, reprefill_before=100.0),
+              Fault("kill", 2.0, skipped="no eligible worker"),
+              Fault("kill", 3.0, "d1", "decode", injected=True, held=1, reprefill_before=100.0),
+              Fault("drain", 5.0, "d2", "decode", injected=True, held=1, reprefill_before=612.0)]
+    attribute_reprefill(faults, final=612.0)
+    assert [f.reprefill_tokens for f in faults] == [0.0, None, 512.0, 0.0]
+    recs = [record([0.5, 1.5, 1.6], done=1.6), record([2.5, 3.5, 3.6], done=3.6), record([4.5, 5.2], done=5.2)]
+    stalls, per_fault = stall_figures(recs, faults, window=0.5)
+    assert stalls["drain"]["reprefill_tokens"] == 0 and stalls["kill"]["reprefill_tokens"] == 512
+    assert stalls["drain"]["affected"] == 2 and stalls["kill"]["samples_s"] == [1.0]
+    unknown = [Fault("kill", 1.0, "d0", "decode", injected=True)]      # a server without the counter
+    attribute_reprefill(unknown, final=None)
+    assert stall_figures(recs, unknown, window=0.5)[0]["kill"]["reprefill_tokens"] is None

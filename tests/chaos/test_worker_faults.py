@@ -133,3 +133,27 @@ def test_sigkill_prefill_worker(server, expected):
         time.sleep(1)
     else:
         pytest.fail(f"no replacement prefill worker: {workers(server)}")
+
+
+def test_hung_decode_worker_is_lost_by_heartbeat(server, expected):
+    """SIGSTOP: the process exists, so Ray reports nothing; the missed heartbeat (load, then ping, both time
+    out) is what declares the worker lost, and its requests finish elsewhere with the same tokens."""
+    stopped = []
+
+    def fault():
+        victim = next(w for w in workers(server) if w["role"] == "decode" and w["alive"] and not w["draining"])
+        os.kill(victim["pid"], signal.SIGSTOP)
+        stopped.append(victim)
+
+    try:
+        check(run_streams(server, fault), expected)
+        victim = stopped[0]
+        assert any(w["worker_id"] == victim["worker_id"] and not w["alive"] for w in workers(server))
+        assert "missed its heartbeat" in server.output()
+    finally:
+        for w in stopped:
+            try:
+                os.kill(w["pid"], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    blocks_back_to_baseline(server)

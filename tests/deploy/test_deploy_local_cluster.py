@@ -17,6 +17,7 @@ import grpc
 import pytest
 
 from deploy_helpers import REPO
+from local_cluster_helpers import processes_mentioning
 
 LAUNCHER = REPO / "deploy" / "ray" / "local_cluster.py"
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
@@ -74,19 +75,6 @@ def gcs_cluster_id(address: str, token: str | None) -> grpc.StatusCode:
             return grpc.StatusCode.OK
         except grpc.RpcError as e:
             return e.code()
-
-
-def processes_mentioning(text: str) -> list[int]:
-    """Live processes whose command line names the cluster dir (raylets, GCS, agents do): a check of `stop`
-    that does not rely on the launcher's own environment marker. Zombies have an empty command line."""
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if text.encode() in cmdline.read_bytes():
-                found.append(int(cmdline.parent.name))
-        except OSError:
-            pass
-    return found
 
 
 @pytest.fixture

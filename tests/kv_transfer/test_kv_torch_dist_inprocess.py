@@ -198,3 +198,56 @@ def test_unreachable_store_is_a_clear_error():
         b = create_backend(KVTransferConfig(backend="torch_dist", store_port=1, connect_timeout_s=0.5),
                            SimpleBlockPool(4))
         b.register_kv_cache(LAYOUT.allocate(), LAYOUT)
+
+
+def test_wait_sleeps_until_terminal_and_gives_up_at_its_timeout(pair):
+    _, p, d = pair
+    tx, rx, src = move(p, d, "waited", tokens=12)
+    assert rx.wait(10) is TransferStatus.DONE and tx.wait(10) is TransferStatus.DONE
+    assert torch.equal(d.kv[:, :, rx.block_table], p.kv[:, :, src])
+    lonely = d.backend.create_receiver(spec("lonely-wait", timeout_s=0.5))     # no sender ever comes
+    assert lonely.wait(0.01) is TransferStatus.BOOTSTRAPPING                    # its own timeout, not the deadline
+    assert lonely.wait(10) is TransferStatus.FAILED and "deadline" in lonely.error
+    assert d.pool.num_free == LAYOUT.num_blocks - len(rx.block_table)
+
+
+def test_one_batch_mixing_in_place_and_staged_runs_lands_exact_pages(pair):
+    _, p, d = pair
+    held = d.pool.allocate(LAYOUT.num_blocks)
+    dst = [0, 1, 2, 3, 4, 6, 8, 10, 12, 14]          # the first half one run (in place), the rest scattered
+    d.pool.free(dst)
+    held = [b for b in held if b not in dst]
+    rx = d.backend.create_receiver(spec("mixed", tokens=40))
+    assert rx.block_table == dst
+    src = p.pool.allocate(10)
+    tx = p.backend.create_sender(spec("mixed", tokens=40), src)
+    while tx.poll() is TransferStatus.BOOTSTRAPPING:
+        time.sleep(0.001)
+    for layer in range(LAYOUT.num_layers):          # first half of every layer, then the rest: runs queue up
+        tx.layer_ready(layer, 20)
+    tx.all_layers_ready()
+    assert settle(tx, rx) == [TransferStatus.DONE, TransferStatus.DONE]
+    assert torch.equal(d.kv[:, :, rx.block_table], p.kv[:, :, src])
+    assert rx.completed_layers() == [0, 1, 2]
+    d.pool.free(held)
+
+
+def test_control_plane_polls_slow_watches_rarely_until_heated(pair):
+    from splitserve.kv_transfer.control_plane import ControlPlane, StoreAddress
+
+    store, _, _ = pair
+    plane = ControlPlane(StoreAddress("127.0.0.1", store.port, 5.0), 0.002, "t")
+    fired: list[bytes] = []
+    try:
+        slow = plane.watch("cp/slow", lambda _, v: fired.append(v), interval_s=60.0)
+        time.sleep(0.05)                             # its first check (at once) found nothing
+        store.set("cp/slow", b"1")
+        time.sleep(0.3)
+        assert fired == []                           # next check in a minute
+        plane.heat(slow)
+        deadline = time.monotonic() + 5
+        while not fired and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert fired == [b"1"] and plane.num_watches == 0 and not store.check(["cp/slow"])
+    finally:
+        plane.close()

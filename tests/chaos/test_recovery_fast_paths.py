@@ -1,0 +1,70 @@
+"""What keeps a recovered or migrated stream's stall short, on the plain worker classes (no Ray): a re-placed
+request (committed tokens: its client is stalled mid-stream) jumps the prefill queue; a migration hands its next
+token to `expect` in the same call, and the decode worker waits briefly (once) for that request's KV before a
+step instead of a whole step after it."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from splitserve.decode_workers import worker as decode_worker
+from splitserve.decode_workers.worker import DecodeWorker
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.kv_transfer import KVTransferConfig, TransferSpec, WorkerSpec
+from splitserve.prefill_workers.worker import PrefillWorker
+from splitserve.work import WorkRequest
+
+PARAMS = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+
+def work(rid: str, committed: list[int] = (), attempt: int = 0) -> WorkRequest:
+    return WorkRequest(rid, list(range(300, 340)), PARAMS, seed=1, committed_token_ids=list(committed),
+                       attempt=attempt)
+
+
+def spec(rid: str, src: str, dst: str, num_tokens: int, attempt: int = 0) -> TransferSpec:
+    return TransferSpec(rid, WorkerSpec(src), WorkerSpec(dst), num_tokens=num_tokens, attempt=attempt, timeout_s=5)
+
+
+@pytest.fixture
+def quiet_engine(engine_f32):
+    """The shared engine, handed back with nothing queued and every block free."""
+    yield engine_f32
+    for rid in [s.request_id for s in list(engine_f32.scheduler.waiting) + list(engine_f32.scheduler.running)]:
+        engine_f32.abort(rid)
+    assert engine_f32.block_manager.num_free_blocks == engine_f32.block_manager.num_blocks
+
+
+def test_a_recovery_goes_ahead_of_fresh_prompts(quiet_engine):
+    p = PrefillWorker("p-prio", None, KVTransferConfig(backend="local", worker_id="p-prio"), engine=quiet_engine)
+    try:
+        p.prefill(work("fresh-1"), spec("fresh-1", "p-prio", "d-x", 40))
+        p.prefill(work("fresh-2"), spec("fresh-2", "p-prio", "d-x", 40))
+        p.prefill(work("recovered", committed=[5, 6, 7], attempt=1), spec("recovered", "p-prio", "d-x", 43, 1))
+        assert [s.request_id for s in quiet_engine.scheduler.waiting] == ["recovered", "fresh-1", "fresh-2"]
+        for rid in ("fresh-1", "fresh-2", "recovered"):
+            p.abort(rid)
+    finally:
+        p.kv.close()
+
+
+def test_a_migration_passes_its_next_token_and_waits_for_its_kv_once(quiet_engine, monkeypatch):
+    monkeypatch.setattr(decode_worker, "HANDOVER_WAIT_S", 0.2)
+    d = DecodeWorker("d-mig", None, KVTransferConfig(backend="local", worker_id="d-mig"), engine=quiet_engine)
+    try:
+        req = work("moved", committed=[5, 6, 7], attempt=1)
+        d.expect(req, spec("moved", "d-gone", "d-mig", 42, 1), 8)    # no sender will ever come
+        assert d.incoming["moved"].first_token == 8                  # no begin_decode needed
+        t0 = time.monotonic()
+        d.tick()                                                      # its KV never arrives: the step goes on
+        first = time.monotonic() - t0
+        t0 = time.monotonic()
+        d.tick()
+        again = time.monotonic() - t0
+        assert 0.15 <= first < 2.0 and again < 0.1, (first, again)   # waited once, bounded
+        assert "moved" in d.incoming and d.engine.scheduler.running == []
+        assert d.abort("moved")
+    finally:
+        d.kv.close()

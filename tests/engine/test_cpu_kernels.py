@@ -1,0 +1,93 @@
+"""The native CPU kernels (`engine/attention/cpu_decode.cpp`, `engine/models/cpu_layers.cpp`) against the torch
+formulas they replace. Skipped where they cannot be built (no C++ compiler).
+
+The KV cache is poisoned like in the Triton tests: unallocated blocks and page tails hold a large value, and
+block 0 (the padding of block tables) is never allocated, so reading anything outside a context shows.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from splitserve.engine.attention import torch_ref
+from splitserve.engine.attention.cpu_kernels import native_ops
+from splitserve.engine.attention.metadata import AttentionMetadata
+
+ops = native_ops()
+if ops is None:
+    pytest.skip("the native CPU kernels could not be built here", allow_module_level=True)
+
+POISON = 100.0
+
+
+def _paged_case(dtype: torch.dtype, context_lens: list[int], heads: int, kv_heads: int, head_dim: int,
+                block_size: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    need = [-(-c // block_size) for c in context_lens]
+    num_blocks = sum(need) + 3
+    kv = torch.full((2, num_blocks, block_size, kv_heads, head_dim), POISON)
+    ids = (torch.randperm(num_blocks - 1, generator=g) + 1).tolist()      # block 0 never allocated
+    tables, start = [], 0
+    for c, n in zip(context_lens, need):
+        table = ids[start:start + n]
+        start += n
+        tables.append(table)
+        for p in range(c):
+            kv[:, table[p // block_size], p % block_size] = torch.randn(2, kv_heads, head_dim, generator=g)
+    q = torch.randn(len(context_lens), heads, head_dim, generator=g)
+    meta = AttentionMetadata.build([1] * len(context_lens), context_lens, tables, block_size)
+    return q.to(dtype), kv.to(dtype), meta
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,lens", [
+    (9, 3, 64, [1, 5, 16, 17, 33, 120]),           # SmolLM2's shape; block edges
+    (4, 4, 128, [3, 64, 65]),                       # no grouping, head_dim 128
+    (8, 1, 64, [200]),                              # one KV head for all
+])
+def test_paged_decode_matches_reference(dtype, tol, heads, kv_heads, head_dim, lens):
+    q, kv, meta = _paged_case(dtype, lens, heads, kv_heads, head_dim)
+    expected = torch_ref.decode_reference(q, kv, meta, head_dim ** -0.5)
+    got = ops.paged_decode(q, kv, meta.block_tables, meta.context_lens_t, head_dim ** -0.5)
+    torch.testing.assert_close(got.float(), expected.float(), atol=tol, rtol=tol)
+
+
+def test_decode_uses_the_kernel_and_agrees_in_a_layer_view():
+    """The engine passes one layer's view of the whole cache ([layers, 2, ...][i]): strides must be honoured."""
+    q, kv, meta = _paged_case(torch.bfloat16, [7, 40], 9, 3, 64)
+    cache = torch.stack([torch.zeros_like(kv), kv])      # layer 1 is the real one
+    got = torch_ref.paged_attention(q, cache[1], meta, 0.125)
+    torch.testing.assert_close(got.float(), torch_ref.decode_reference(q, kv, meta, 0.125).float(),
+                               atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 128])
+def test_rms_norm_same_roundings_as_torch(rows):
+    g = torch.Generator().manual_seed(rows)
+    x = (torch.randn(rows, 576, generator=g) * 3).bfloat16()
+    weight = (torch.randn(576, generator=g) * 0.5 + 1).bfloat16()
+    expected = weight * F.rms_norm(x.float(), (576,), None, 1e-5).bfloat16()
+    got = ops.rms_norm(x, weight, 1e-5)
+    # only mean(x^2)'s summation order differs: at most one bfloat16 step on a handful of elements
+    assert (got.float() - expected.float()).abs().le(expected.float().abs() * 2 ** -7 + 1e-6).all()
+    assert (got != expected).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_silu_mul_same_roundings_as_torch(rows):
+    g = torch.Generator().manual_seed(rows)
+    gate_up = (torch.randn(rows, 2 * 1536, generator=g) * 4).bfloat16()
+    gate, up = gate_up.split(1536, dim=-1)
+    expected = F.silu(gate) * up
+    got = ops.silu_mul(gate_up)
+    assert (got.float() - expected.float()).abs().le(expected.float().abs() * 2 ** -7 + 1e-6).all()
+    assert (got != expected).float().mean() < 0.01
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        ops.rms_norm(torch.randn(2, 8), torch.ones(8), 1e-5)
+    with pytest.raises(RuntimeError, match="even"):
+        ops.silu_mul(torch.randn(2, 7).bfloat16())
