@@ -46,6 +46,7 @@ class RouterConfig:
     log_ttl_s: float = 300.0
     migration_timeout_s: float = 10.0     # deadline of one live KV migration
     replace_dead_workers: bool = True     # keep each pool at its size: a dead worker gets a successor
+    replace_delay_max_s: float = 30.0     # ... once the dead worker's requests are re-placed, or after this long
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)   # TTFT/TPOT targets (off by default)
 
 
@@ -531,8 +532,6 @@ class Router:
         self._loads.pop(handle.worker_id, None)
         self.latency.forget(handle.worker_id)
         await asyncio.to_thread(self.pools.release_resources, handle)
-        if self.config.replace_dead_workers and not self._closing:
-            self._tasks.append(asyncio.create_task(self._replace_worker(handle.role)))
         moved = [r for r in self.requests.values() if not r.finished and handle.worker_id in (r.decode, r.prefill)]
         log.warning("worker %s lost; re-placing %d requests", handle.worker_id, len(moved))
         for req in moved:
@@ -543,3 +542,15 @@ class Router:
                 req.task.cancel()                # a placement onto the dead worker: start over
             await self._release(req)
             req.task = asyncio.create_task(self._place(req))
+        if self.config.replace_dead_workers and not self._closing:
+            recovering = [r.task for r in moved if r.task is not None and not r.task.done()]
+            self._tasks.append(asyncio.create_task(self._replace_after(handle, recovering)))
+
+    async def _replace_after(self, handle, recovering: list[asyncio.Task]) -> None:
+        """Recovery first, then the pool's size: a replacement loading its model takes seconds of CPU that the
+        re-placed requests' prefills and first steps need, so it starts once they are placed (at most
+        `replace_delay_max_s` later), or at once when its pool has no live worker left to recover onto."""
+        pool = self.pools.prefill if handle.role == "prefill" else self.pools.decode
+        if recovering and any(h.alive and h.pid for h in pool.values()):
+            await asyncio.wait(recovering, timeout=self.config.replace_delay_max_s)
+        await self._replace_worker(handle.role)
