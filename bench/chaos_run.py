@@ -71,6 +71,7 @@ class ChaosConfig:
     ray_address: str | None = None          # --url: the cluster's GCS, for the Ray resource check
     replace: bool = False                   # after each fault, add a fresh worker of the victim's role (and
                                             # remove a drained victim), as an autoscaler replacing the node would
+    replace_delay_s: float = 3.0            # ... this long after the fault (a new node is not there at once)
     log_dir: str | None = None
     rounds: int = 1                         # runs on fresh servers, reported as one
 
@@ -78,6 +79,8 @@ class ChaosConfig:
         for name in ("duration_s", "kill_every_s", "drain_deadline_s", "request_timeout_s", "idle_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
+        if not self.replace_delay_s >= 0:
+            raise ValueError(f"--replace-delay must be zero or more, got {self.replace_delay_s}")
         if self.rounds > 1 and self.url:
             raise ValueError("--rounds needs a launched server (a fresh one per round), not --url")
         if not isinstance(self.compare, int) or self.compare < 0:
@@ -189,7 +192,9 @@ class LaunchedServer(Target):
         args = shlex.split(launch) + (["--api-key", api_key] if api_key else [])
         cmd = [sys.executable, "-m", "splitserve.cli", "serve", "--host", "127.0.0.1", "--http-port", str(http_port),
                "--grpc-port", str(grpc_port), *args]
-        self.log_path = str(Path(log_dir or tempfile.gettempdir()) / f"splitserve-chaos-serve-{http_port}.log")
+        folder = Path(log_dir or tempfile.gettempdir())
+        folder.mkdir(parents=True, exist_ok=True)
+        self.log_path = str(folder / f"splitserve-chaos-serve-{http_port}.log")
         self._log = open(self.log_path, "w+")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         self.processes: dict[int, tuple[float, str]] = {}     # pid -> (create time, command line)
@@ -530,6 +535,7 @@ class FaultInjector(threading.Thread):
         return fault
 
     def replace(self, fault: Fault, w: dict) -> None:
+        time.sleep(self.cfg.replace_delay_s)   # the streams it held resume first (the stall is measured on them)
         try:
             if fault.kind == "drain":          # the drained node goes away, as it would at its deadline
                 self.target.remove_worker(w["worker_id"])

@@ -23,6 +23,8 @@ class DecodeWorkerActor(WorkerActorBase):
         self.worker.start()
 
     async def expect(self, req: WorkRequest, spec: TransferSpec, first_token: int | None = None) -> int:
+        if self.followers is None:      # no need to wait for the step in progress: its forward releases the lock
+            return await asyncio.to_thread(self.worker.call_now, self.worker.expect, req, spec, first_token)
         return await asyncio.wrap_future(self.worker.call(self.worker.expect, req, spec, first_token))
 
     async def begin_decode(self, request_id: str, first_token: int) -> bool:

@@ -3,8 +3,8 @@
     expect(req, spec) ──> receiver allocates blocks (prefix hits skipped) ──> BOOTSTRAPPING/TRANSFERRING
     begin_decode(rid, tok) ─┐                                                        │ poll() each step
     (a migration passes tok  └──────── KV DONE + first token known ──> admit ──> running batch ──> step()
-     to expect: one call)     first token known, KV still arriving: wait up to HANDOVER_WAIT_S for it before the
-                              step (once per request), so it joins this step rather than the next one
+     to expect: one call)     first token known, KV still arriving: wait for it before the step (once per
+                              request, at most one step's time), so it joins this step rather than the next one
     submit_local(req) ──> waiting queue (short or fully cached prompts: prefilled here) ──────────┘
     every step: one list of TokenUpdate for all requests ──> outbox ──> router's poll_outputs()
     receiver FAILED ──> TokenUpdate(error=...) ──> the router re-places the request
@@ -33,9 +33,10 @@ from splitserve.work import MigrationState, TokenUpdate, WorkerLoad, WorkRequest
 log = logging.getLogger(__name__)
 
 PENDING = "pending"        # migrate_out: the request's KV is still arriving here
-# A request whose first token is known waits at most this long (once) for the rest of its KV before a step runs
-# without it: far less than a step, and it spares the stalled stream a whole step.
-HANDOVER_WAIT_S = 0.05
+# A request whose first token is known waits (once) for the rest of its KV before a step runs without it: as long
+# as the last step took (missing this step costs its stream the next one, i.e. as long again), within these bounds.
+HANDOVER_WAIT_MIN_S = 0.05
+HANDOVER_WAIT_MAX_S = 0.25
 
 
 @dataclass(slots=True)
@@ -61,11 +62,14 @@ class DecodeWorker(StepLoop):
         self.attempts: dict[str, int] = {}          # request id -> placement attempt, stamped on its updates
         self.outgoing: dict[str, KVSender] = {}     # live KV of migrated requests, until the peer confirms
         self.draining = False
+        self.last_step_s = 0.0                       # how long the last engine step took (bounds the handover wait)
 
     # ---- commands (run on the loop thread through `call`) --------------------------------------------
     def expect(self, req: WorkRequest, spec: TransferSpec, first_token: int | None = None) -> int:
         """Reserve blocks for a request's KV that a prefill worker (or, draining, a decode worker) will send;
-        returns prefix-hit tokens. A migration knows the next token already: `first_token` saves begin_decode."""
+        returns prefix-hit tokens. A migration knows the next token already: `first_token` saves begin_decode.
+        Runs on the loop thread (`call`) or under the state lock during a step's forward pass (`call_now`): it
+        takes free or prefix-cached blocks only, which the batch being computed does not write."""
         tokens = req.token_ids
         self.engine.scheduler.check_fits(len(tokens) + 1, req.params.max_tokens - len(req.committed_token_ids))
         seq = Sequence(req.request_id, tokens, req.params, num_prompt_tokens=len(req.prompt_token_ids))
@@ -146,7 +150,11 @@ class DecodeWorker(StepLoop):
         self._poll_outgoing()
         self._await_handover()
         updates = self._admit_arrived()
-        outputs = self.engine.step() if self.engine.has_unfinished else []
+        outputs = []
+        if self.engine.has_unfinished:
+            started = time.monotonic()
+            outputs = self.engine.step(around_execute=self.lock_released)   # expect() may run meanwhile
+            self.last_step_s = time.monotonic() - started
         updates += [TokenUpdate(o.request_id, o.new_token_ids, o.finished, o.finish_reason,
                                 num_cached_tokens=o.num_cached_tokens, attempt=self.attempts.get(o.request_id, 0))
                     for o in outputs]
@@ -158,15 +166,20 @@ class DecodeWorker(StepLoop):
 
     def _await_handover(self) -> None:
         """A stream stalled on its KV (first token known, pages in flight) would otherwise wait a whole step more:
-        give its transfer a few ms to finish, once per request, before the step runs without it."""
+        give its transfer up to one step's time to finish, once per request, before the step runs without it. The
+        other streams of the batch wait that long at most once, where the stalled one would wait a whole step."""
         pending = [inc for inc in self.incoming.values() if inc.first_token is not None and not inc.waited]
         if not pending:
             return
         for inc in pending:
             inc.waited = True
-        end = time.monotonic() + HANDOVER_WAIT_S
-        for inc in pending:                  # woken by the transport thread, not a poll loop (torch_dist)
-            inc.receiver.wait(max(0.0, end - time.monotonic()))
+        # nothing running here: waiting delays no other stream, and requests handed over together start together
+        bound = (min(HANDOVER_WAIT_MAX_S, max(HANDOVER_WAIT_MIN_S, self.last_step_s))
+                 if self.engine.scheduler.running else HANDOVER_WAIT_MAX_S)
+        end = time.monotonic() + bound
+        with self.lock_released():           # only waits on receivers: expect() may add requests meanwhile
+            for inc in pending:              # woken by the transport thread, not a poll loop (torch_dist)
+                inc.receiver.wait(max(0.0, end - time.monotonic()))
 
     def _admit_arrived(self) -> list[TokenUpdate]:
         failed: list[TokenUpdate] = []

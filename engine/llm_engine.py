@@ -5,10 +5,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, ContextManager
 
 from .block_manager import BlockManager
 from .config import EngineConfig
@@ -146,7 +147,10 @@ class LLMEngine:
 
     # ---- stepping -------------------------------------------------------------------------------------
     def step(self, on_layer_done: Callable[[int], None] | None = None,
-             before_execute: Callable[[ScheduledBatch], None] | None = None) -> list[RequestOutput]:
+             before_execute: Callable[[ScheduledBatch], None] | None = None,
+             around_execute: Callable[[], ContextManager] | None = None) -> list[RequestOutput]:
+        """One scheduled batch through the model. `around_execute()` is entered around the forward pass alone
+        (after scheduling, before postprocessing): a worker releases its state lock there."""
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
@@ -157,7 +161,8 @@ class LLMEngine:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
         seeds = [self._seeds[s.request_id] for s in batch.seqs]
-        sampled = self.runner.execute(batch, seeds, on_layer_done)
+        with around_execute() if around_execute is not None else contextlib.nullcontext():
+            sampled = self.runner.execute(batch, seeds, on_layer_done)
         self.scheduler.postprocess(batch, sampled)
         outputs = []
         for seq, token in zip(batch.seqs, sampled):

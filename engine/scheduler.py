@@ -100,6 +100,7 @@ class Scheduler:
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
         preempted = False
+        self._admit_urgent()
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -131,6 +132,30 @@ class Scheduler:
             batch.num_new_tokens.append(n)
             budget -= n
         return batch
+
+    def add_urgent(self, seq: Sequence) -> None:
+        """Queue `seq` ahead of everything waiting except earlier urgent ones; schedule() then admits it ahead of
+        the sequences already running, so it takes the token budget first (a recovery whose client stream is
+        stalled must not wait for a long prompt's remaining chunks)."""
+        seq.urgent = True
+        at = 0
+        while at < len(self.waiting) and self.waiting[at].urgent:
+            at += 1
+        self.waiting.insert(at, seq)
+
+    def _admit_urgent(self) -> None:
+        front: list[Sequence] = []
+        while self.waiting and self.waiting[0].urgent and len(self.running) + len(front) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.block_table:
+                self.blocks.match_prefix(seq)
+            if self.config.reserve_full_prompt and not self.blocks.allocate(seq, seq.num_uncomputed_tokens):
+                self.blocks.free(seq)
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            front.append(seq)
+        self.running[:0] = front     # preemption takes from the back: urgent sequences are preempted last
 
     def admit_running(self, seq: Sequence) -> None:
         """A sequence whose KV arrived from elsewhere joins the running batch directly."""

@@ -22,7 +22,7 @@ class SequenceStatus(Enum):
 class Sequence:
     __slots__ = ("request_id", "token_ids", "num_prompt_tokens", "num_computed_tokens", "num_cached_tokens",
                  "block_table", "num_hashed_blocks", "status", "finish_reason", "params", "arrival_time",
-                 "first_scheduled_time", "num_preemptions")
+                 "first_scheduled_time", "num_preemptions", "urgent")
 
     def __init__(self, request_id: str, token_ids: list[int], params: SamplingParams,
                  num_prompt_tokens: int | None = None) -> None:
@@ -39,6 +39,7 @@ class Sequence:
         self.arrival_time = time.monotonic()
         self.first_scheduled_time: float | None = None
         self.num_preemptions = 0
+        self.urgent = False               # scheduled ahead of prefills in progress (a recovery's stalled stream)
 
     @property
     def num_tokens(self) -> int:

@@ -2,7 +2,8 @@
 the layer is computed, and returns the first token.
 
     prefill(req, spec) ──> engine queue (blocks for the whole prompt reserved at admission); a recovery (committed
-                           tokens: its client is mid-stream, stalled) goes to the head of the queue
+                           tokens: its client is mid-stream, stalled) is urgent: it takes the next step's token
+                           budget ahead of new prompts and of the chunks left of prompts already in progress
         step: schedule ──> before_execute: create a KV sender per newly scheduled request (pins its blocks)
               forward layer 0 ──> sender.layer_ready(0, tokens so far) ──> pages of layer 0 leave
               forward layer 1 ──> ...                                     (transfer overlaps compute)
@@ -51,9 +52,9 @@ class PrefillWorker(StepLoop):
         seq = self.engine.add_request(req.request_id, req.prompt_token_ids, params,
                                       committed_token_ids=req.committed_token_ids)
         if req.committed_token_ids:       # a stream stalled mid-way (its decode worker died): ahead of new prompts
-            waiting = self.engine.scheduler.waiting
-            waiting.remove(seq)
-            waiting.appendleft(seq)
+            scheduler = self.engine.scheduler  # and of the chunks left of prompts in progress
+            scheduler.waiting.remove(seq)
+            scheduler.add_urgent(seq)
         fut: Future = Future()
         self.specs[req.request_id], self.results[req.request_id] = spec, fut
         return fut

@@ -61,6 +61,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replace", action="store_true",
                    help="after each fault add a fresh worker of the victim's role (POST /admin/workers) and remove "
                         "a drained victim (DELETE), as an autoscaler would; keeps the pool size for long runs")
+    p.add_argument("--replace-delay", type=float, default=3.0,
+                   help="with --replace: seconds between a fault and its replacement joining (default 3; a new "
+                        "node takes longer to boot, and on one machine its model load would take CPU from the "
+                        "streams that are resuming)")
     p.add_argument("--rounds", type=int, default=1,
                    help="repeat on fresh launched servers and pool the figures (killed workers are not replaced)")
     p.add_argument("--log-dir", default=None, help="where the launched server's log goes (default: temp dir)")
@@ -76,7 +80,8 @@ def config_from(args: argparse.Namespace):
                        drain_deadline_s=args.drain_deadline, seed=args.seed, reference=args.reference,
                        dtype=args.dtype, request_timeout_s=args.request_timeout, idle_timeout_s=args.idle_timeout,
                        api_key=args.api_key or settings.api_key, ray_address=args.ray_address, log_dir=args.log_dir,
-                       replace=args.replace, rounds=args.rounds, compare=args.compare)
+                       replace=args.replace, replace_delay_s=args.replace_delay, rounds=args.rounds,
+                       compare=args.compare)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,6 +1,8 @@
 """A worker's engine thread: the only thread that touches its engine and KV backend.
 
     caller threads ──call(fn)──> command queue ──> loop thread: run commands, tick(), repeat
+    caller threads ──call_now(fn)──> runs on the caller's thread once it holds `state_lock`: between ticks, or
+                                     while a tick has released it (`lock_released`, around the model's forward)
     loop thread ──emit(items)──> outbox ──take_outputs(timeout)──> the router's long poll
 
 Commands return concurrent futures, so an asyncio caller (a Ray async actor) awaits them with
@@ -9,6 +11,7 @@ Commands return concurrent futures, so an asyncio caller (a Ray async actor) awa
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -33,6 +36,9 @@ class StepLoop(ABC):
         self._thread = threading.Thread(target=self._run, name=f"{name}-steps", daemon=True)
         self.error: BaseException | None = None
         self._busy_since: float | None = None     # when the current command or tick began; None while idle
+        # the loop holds it while it runs commands and ticks; call_now() takes it on the caller's thread
+        self.state_lock = threading.Lock()
+        self._lock_owner: int | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -61,6 +67,30 @@ class StepLoop(ABC):
         self._wake.set()
         return fut
 
+    def call_now(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn(*args)` on this (non-loop) thread as soon as the loop is between ticks or inside a part of its
+        tick that released the state lock, instead of waiting for the whole tick (a step) to end."""
+        with self.state_lock:
+            result = fn(*args)
+        self._wake.set()
+        return result
+
+    @contextlib.contextmanager
+    def lock_released(self):
+        """Loop thread, inside tick(): lets call_now() commands run meanwhile. Only around work that touches no
+        state they change (the forward pass of an already scheduled batch). A no-op when the caller does not hold
+        the lock (tick() called directly, as tests do)."""
+        if self._lock_owner != threading.get_ident():
+            yield
+            return
+        self._lock_owner = None
+        self.state_lock.release()
+        try:
+            yield
+        finally:
+            self.state_lock.acquire()
+            self._lock_owner = threading.get_ident()
+
     def emit(self, items: list[Any]) -> None:
         if items:
             with self._out_ready:
@@ -83,8 +113,13 @@ class StepLoop(ABC):
         try:
             while not self._stopped.is_set():
                 self._busy_since = time.monotonic()
-                self._run_commands()
-                worked = self.tick()
+                with self.state_lock:
+                    self._lock_owner = threading.get_ident()
+                    try:
+                        self._run_commands()
+                        worked = self.tick()
+                    finally:
+                        self._lock_owner = None
                 self._busy_since = None
                 if not worked:
                     self._wake.wait(self.idle_wait_s)

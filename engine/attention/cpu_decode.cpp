@@ -127,18 +127,181 @@ void decode_sequence(const T* q, T* out, const T* k_cache, int64_t kv_stride, co
 }
 
 #if defined(__AVX512F__)
-// The same computation with AVX-512 intrinsics: a K or V row is converted to float32 once into D/16 registers and
-// used by all G query heads of its KV head; a score is D/16 FMAs and one horizontal sum.
+// The same computation with AVX-512 intrinsics, 16 tokens (a "chunk", at most one block) at a time, KV head by KV
+// head, for the (up to kGroup) query heads that share it:
+//  - a K row is converted to float32 once into D/16 registers; a score is D/16 FMAs into one register of 16 partial
+//    sums (or D/32 vdpbf16ps on the raw bfloat16 row, see QueryRows), and the 16 registers of a chunk's tokens are
+//    summed together by a 4-level tree (15 steps of one blend, one shuffle and one add) into one register holding
+//    the chunk's 16 scores, instead of 16 horizontal sums;
+//  - with the tokens in the lanes, the softmax of a chunk is a few vector operations per head (exp: a polynomial
+//    accurate to ~1 ulp instead of 16 calls of std::exp);
+//  - a V row is converted once and accumulated into the float32 accumulators of the heads, held in registers.
+// bfloat16 rows are widened with a shift and a mask, which puts even and odd elements in separate registers
+// ("even/odd order"); q and the accumulators are kept in that order too, and the output is written back in order.
+constexpr int kChunk = 16;
+alignas(64) const unsigned char kZeroRow[128 * sizeof(float)] = {};   // stands in for the missing tokens of a chunk
+
 template <int D>
 inline void load_row(const float* src, __m512* r) {
   for (int j = 0; j < D / 16; ++j) r[j] = _mm512_loadu_ps(src + 16 * j);
 }
 template <int D>
-inline void load_row(const c10::BFloat16* src, __m512* r) {   // bfloat16 -> float32 is a 16-bit left shift
-  for (int j = 0; j < D / 16; ++j) {
-    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 16 * j));
-    r[j] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+inline void load_row(const c10::BFloat16* src, __m512* r) {   // even/odd order: bfloat16 -> float32 is a shift
+  const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  for (int j = 0; j < D / 32; ++j) {
+    const __m512i raw = _mm512_loadu_si512(src + 32 * j);
+    r[2 * j] = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+    r[2 * j + 1] = _mm512_castsi512_ps(_mm512_and_si512(raw, hi));
   }
+}
+template <int D>
+inline void store_row(const __m512* r, float scale, float* dst) {
+  for (int j = 0; j < D / 16; ++j) _mm512_storeu_ps(dst + 16 * j, _mm512_mul_ps(r[j], _mm512_set1_ps(scale)));
+}
+// bfloat16 rounding as c10::BFloat16(float): to nearest even, NaN -> 0x7fc0; the bfloat16 ends up in the high half
+inline __m512i round_to_bfloat16_high(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)),
+                                        _mm512_set1_epi32(0x7fff));
+  const __m512i r = _mm512_and_si512(_mm512_add_epi32(u, bias), _mm512_set1_epi32(static_cast<int>(0xffff0000u)));
+  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc00000));
+}
+template <int D>
+inline void store_row(const __m512* r, float scale, c10::BFloat16* dst) {   // from even/odd order
+  const __m512 s = _mm512_set1_ps(scale);
+  for (int j = 0; j < D / 32; ++j) {
+    const __m512i even = _mm512_srli_epi32(round_to_bfloat16_high(_mm512_mul_ps(r[2 * j], s)), 16);
+    const __m512i odd = round_to_bfloat16_high(_mm512_mul_ps(r[2 * j + 1], s));
+    _mm512_storeu_si512(dst + 32 * j, _mm512_or_si512(even, odd));
+  }
+}
+
+// One step of the tree: lanes whose bit S is clear get a[i] + a[i + S], the others b[i - S] + b[i].
+template <int S>
+struct FoldIndex {
+  int32_t v[16];
+  constexpr FoldIndex() : v() {
+    for (int i = 0; i < 16; ++i) v[i] = (i & S) ? 16 + i - S : i + S;
+  }
+};
+template <int S>
+inline __m512 fold(__m512 a, __m512 b) {
+  static constexpr FoldIndex<S> kIndex{};
+  constexpr __mmask16 from_b = S == 1 ? 0xaaaa : S == 2 ? 0xcccc : S == 4 ? 0xf0f0 : 0xff00;
+  const __m512 other = _mm512_permutex2var_ps(a, _mm512_loadu_si512(kIndex.v), b);
+  return _mm512_add_ps(_mm512_mask_blend_ps(from_b, a, b), other);
+}
+
+// The query heads, in the form the dot products take: float32 registers, scaled (in even/odd order for bfloat16),
+// or with AVX512_BF16 the raw bfloat16 rows, for vdpbf16ps straight on the K rows (exact products, float32 sums;
+// the scale is applied to the scores). dots<NG>: q[h0 + g] . k as 16 partial sums, for g < NG.
+template <typename T, int D>
+struct QueryRows {
+  static constexpr bool kScaled = true;
+  __m512 r[kMaxHeads][D / 16];
+  void load(const T* q, int H, float scale) {
+    for (int h = 0; h < H; ++h) {
+      load_row<D>(q + h * D, r[h]);
+      for (int j = 0; j < D / 16; ++j) r[h][j] = _mm512_mul_ps(r[h][j], _mm512_set1_ps(scale));
+    }
+  }
+  template <int NG>
+  __attribute__((always_inline)) inline void dots(int h0, const T* k, __m512* out) const {
+    __m512 kr[D / 16];
+    load_row<D>(k, kr);   // converted once for the NG heads
+    for (int g = 0; g < NG; ++g) {
+      __m512 a = _mm512_mul_ps(r[h0 + g][0], kr[0]);
+      for (int j = 1; j < D / 16; ++j) a = _mm512_fmadd_ps(r[h0 + g][j], kr[j], a);
+      out[g] = a;
+    }
+  }
+};
+#if defined(__AVX512BF16__)
+template <int D>
+struct QueryRows<c10::BFloat16, D> {
+  static constexpr bool kScaled = false;
+  __m512i r[kMaxHeads][D / 32];
+  void load(const c10::BFloat16* q, int H, float) {
+    for (int h = 0; h < H; ++h)
+      for (int j = 0; j < D / 32; ++j) r[h][j] = _mm512_loadu_si512(q + h * D + 32 * j);
+  }
+  template <int NG>
+  __attribute__((always_inline)) inline void dots(int h0, const c10::BFloat16* k, __m512* out) const {
+    __m512i kr[D / 32];
+    for (int j = 0; j < D / 32; ++j) kr[j] = _mm512_loadu_si512(k + 32 * j);
+    for (int g = 0; g < NG; ++g) {
+      __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)r[h0 + g][0], (__m512bh)kr[0]);
+      for (int j = 1; j < D / 32; ++j) a = _mm512_dpbf16_ps(a, (__m512bh)r[h0 + g][j], (__m512bh)kr[j]);
+      out[g] = a;
+    }
+  }
+};
+#endif
+
+// The chunk's scores of query heads h0..h0+NG-1 (one KV head): lane t of s[g] = q[h0 + g] . k[t], 0 for t >= n
+// (whose rows are not read).
+template <typename T, int D, int NG>
+inline void chunk_scores(const QueryRows<T, D>& q, int h0, const T* k, int64_t token_stride, int n, __m512* s) {
+  const T* zero = reinterpret_cast<const T*>(kZeroRow);
+  auto dots = [&](int t, __m512* out) __attribute__((always_inline)) {
+    q.template dots<NG>(h0, t < n ? k + t * token_stride : zero, out);
+  };
+  auto quad = [&](int t, __m512* out) __attribute__((always_inline)) {   // tokens t..t+3, two levels down
+    __m512 a[NG], b[NG];
+    dots(t, a);
+    dots(t + 1, b);
+    for (int g = 0; g < NG; ++g) out[g] = fold<1>(a[g], b[g]);
+    dots(t + 2, a);
+    dots(t + 3, b);
+    for (int g = 0; g < NG; ++g) out[g] = fold<2>(out[g], fold<1>(a[g], b[g]));
+  };
+  __m512 x[NG], y[NG];
+  quad(0, x);
+  quad(4, y);
+  for (int g = 0; g < NG; ++g) s[g] = fold<4>(x[g], y[g]);
+  quad(8, x);
+  quad(12, y);
+  for (int g = 0; g < NG; ++g) s[g] = fold<8>(s[g], fold<4>(x[g], y[g]));
+}
+
+// exp(x), ~1 ulp (SLEEF's expf_u10 polynomial): x = n ln2 + r with |r| <= ln2/2, e^r by a polynomial, times 2^n
+// by scalef, which also rounds results below FLT_MIN correctly and flushes them to 0 past -104 (-inf included).
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-104.f), x);   // NaN stays NaN (vmaxps returns its second operand)
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.442695040888963f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);   // ln2 in two parts, the first exact
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 u = _mm512_set1_ps(0.000198527617612853646278381f);
+  u = _mm512_fmadd_ps(u, r, _mm512_set1_ps(0.00139304355252534151077271f));
+  u = _mm512_fmadd_ps(u, r, _mm512_set1_ps(0.00833336077630519866943359f));
+  u = _mm512_fmadd_ps(u, r, _mm512_set1_ps(0.0416664853692054748535156f));
+  u = _mm512_fmadd_ps(u, r, _mm512_set1_ps(0.166666671633720397949219f));
+  u = _mm512_fmadd_ps(u, r, _mm512_set1_ps(0.5f));
+  u = _mm512_add_ps(_mm512_set1_ps(1.f), _mm512_fmadd_ps(_mm512_mul_ps(r, r), u, r));
+  return _mm512_scalef_ps(u, n);
+}
+
+// acc[g] = acc[g] * corr[g] + sum_t p[g][t] v[t] for NG query heads of one KV head over a chunk's n tokens.
+template <typename T, int D, int NG>
+inline void accumulate_values(const T* v, int64_t token_stride, int64_t n, const float (*p)[kChunk],
+                              const float* corr, __m512 (*acc)[D / 16]) {
+  constexpr int R = D / 16;
+  __m512 a[NG][R];
+  for (int g = 0; g < NG; ++g) {
+    const __m512 c = _mm512_set1_ps(corr[g]);
+    for (int j = 0; j < R; ++j) a[g][j] = _mm512_mul_ps(acc[g][j], c);
+  }
+  for (int64_t t = 0; t < n; ++t) {
+    __m512 r[R];
+    load_row<D>(v + t * token_stride, r);
+    for (int g = 0; g < NG; ++g) {
+      const __m512 w = _mm512_set1_ps(p[g][t]);
+      for (int j = 0; j < R; ++j) a[g][j] = _mm512_fmadd_ps(w, r[j], a[g][j]);
+    }
+  }
+  for (int g = 0; g < NG; ++g)
+    for (int j = 0; j < R; ++j) acc[g][j] = a[g][j];
 }
 
 template <typename T, int D>
@@ -146,79 +309,70 @@ void decode_sequence_avx512(const T* q, T* out, const T* k_cache, int64_t kv_str
                             int64_t context, int64_t block_size, int64_t block_stride, int64_t token_stride,
                             int64_t head_stride, int H, int Hkv, float scale) {
   constexpr int R = D / 16;
+  constexpr int kGroup = 24 / R < 4 ? 24 / R : 4;   // query heads whose accumulators fit in registers
   const int G = H / Hkv;
-  __m512 qv[kMaxHeads][R], acc[kMaxHeads][R];
-  float m[kMaxHeads], l[kMaxHeads];
-  alignas(64) float p[kMaxHeads][kMaxBlock];
-  const __m512 vscale = _mm512_set1_ps(scale);
+  QueryRows<T, D> qr;
+  __m512 acc[kMaxHeads][R], lsum[kMaxHeads];   // lsum: per-lane parts of the softmax denominator
+  float m[kMaxHeads], corr[kMaxHeads];
+  alignas(64) float p[kMaxHeads][kChunk];
+  const __m512 vscale = _mm512_set1_ps(scale), minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  qr.load(q, H, scale);
   for (int h = 0; h < H; ++h) {
-    load_row<D>(q + h * D, qv[h]);
-    for (int j = 0; j < R; ++j) {
-      qv[h][j] = _mm512_mul_ps(qv[h][j], vscale);
-      acc[h][j] = _mm512_setzero_ps();
-    }
+    for (int j = 0; j < R; ++j) acc[h][j] = _mm512_setzero_ps();
+    lsum[h] = _mm512_setzero_ps();
     m[h] = -std::numeric_limits<float>::infinity();
-    l[h] = 0.f;
   }
-  const int64_t row_bytes = ((Hkv - 1) * head_stride + D) * static_cast<int64_t>(sizeof(T));
   const int64_t nblocks = (context + block_size - 1) / block_size;
   for (int64_t blk = 0; blk < nblocks; ++blk) {
     const T* kb = k_cache + table[blk] * block_stride;
-    const T* vb = kb + kv_stride;
-    const int64_t n = std::min(block_size, context - blk * block_size);
+    const int64_t nb = std::min(block_size, context - blk * block_size);
     if (blk + 1 < nblocks) {
+      // Only touch the next block's K and V runs (2 lines each): the hardware prefetchers take it from there.
+      // Prefetching whole blocks with the non-temporal hint (as decode_sequence does) made large batches 2-4x slower.
       const T* next = k_cache + table[blk + 1] * block_stride;
-      for (int64_t t = 0; t < n; ++t) {
-        prefetch_row(next + t * token_stride, row_bytes);
-        prefetch_row(next + kv_stride + t * token_stride, row_bytes);
+      for (int i = 0; i < 2; ++i) {
+        __builtin_prefetch(reinterpret_cast<const char*>(next) + 64 * i, 0, 3);
+        __builtin_prefetch(reinterpret_cast<const char*>(next + kv_stride) + 64 * i, 0, 3);
       }
     }
-    for (int64_t t = 0; t < n; ++t) {
-      for (int hk = 0; hk < Hkv; ++hk) {
-        __m512 r[R];
-        load_row<D>(kb + t * token_stride + hk * head_stride, r);
-        for (int g = 0; g < G; ++g) {
-          const int h = hk * G + g;
-          __m512 a = _mm512_mul_ps(qv[h][0], r[0]);
-          for (int j = 1; j < R; ++j) a = _mm512_fmadd_ps(qv[h][j], r[j], a);
-          p[h][t] = _mm512_reduce_add_ps(a);
+    for (int64_t c0 = 0; c0 < nb; c0 += kChunk) {
+      const T* kc = kb + c0 * token_stride;
+      const T* vc = kc + kv_stride;
+      const int n = static_cast<int>(std::min<int64_t>(kChunk, nb - c0));
+      const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1);
+      for (int hk = 0; hk < Hkv; ++hk)
+        for (int g0 = 0; g0 < G; g0 += kGroup) {
+          const int h0 = hk * G + g0, ng = std::min(kGroup, G - g0);
+          const T* k = kc + hk * head_stride;
+          __m512 s[kGroup];
+          switch (ng) {
+            case 1: chunk_scores<T, D, 1>(qr, h0, k, token_stride, n, s); break;
+            case 2: chunk_scores<T, D, 2>(qr, h0, k, token_stride, n, s); break;
+            case 3: chunk_scores<T, D, 3>(qr, h0, k, token_stride, n, s); break;
+            default: chunk_scores<T, D, kGroup>(qr, h0, k, token_stride, n, s); break;
+          }
+          for (int g = 0; g < ng; ++g) {   // online softmax over the chunk, the tokens in the lanes
+            const int h = h0 + g;
+            if (!qr.kScaled) s[g] = _mm512_mul_ps(s[g], vscale);
+            const __m512 x = _mm512_mask_blend_ps(valid, minus_inf, s[g]);
+            const float mx = std::max(m[h], _mm512_reduce_max_ps(x));
+            corr[h] = mx == m[h] ? 1.f : std::exp(m[h] - mx);      // 0 on the first chunk (m = -inf)
+            m[h] = mx;
+            const __m512 e = exp_ps(_mm512_sub_ps(x, _mm512_set1_ps(mx)));
+            _mm512_store_ps(p[h], e);
+            lsum[h] = _mm512_fmadd_ps(lsum[h], _mm512_set1_ps(corr[h]), e);
+          }
+          const T* v = vc + hk * head_stride;
+          switch (ng) {
+            case 1: accumulate_values<T, D, 1>(v, token_stride, n, p + h0, corr + h0, acc + h0); break;
+            case 2: accumulate_values<T, D, 2>(v, token_stride, n, p + h0, corr + h0, acc + h0); break;
+            case 3: accumulate_values<T, D, 3>(v, token_stride, n, p + h0, corr + h0, acc + h0); break;
+            default: accumulate_values<T, D, kGroup>(v, token_stride, n, p + h0, corr + h0, acc + h0); break;
+          }
         }
-      }
-    }
-    for (int h = 0; h < H; ++h) {
-      float mx = m[h];
-      for (int64_t t = 0; t < n; ++t) mx = std::max(mx, p[h][t]);
-      const float corr = std::exp(m[h] - mx);      // 0 on the first block (m = -inf)
-      float sum = 0.f;
-      for (int64_t t = 0; t < n; ++t) {
-        p[h][t] = std::exp(p[h][t] - mx);
-        sum += p[h][t];
-      }
-      l[h] = l[h] * corr + sum;
-      m[h] = mx;
-      if (corr != 1.f) {
-        const __m512 c = _mm512_set1_ps(corr);
-        for (int j = 0; j < R; ++j) acc[h][j] = _mm512_mul_ps(acc[h][j], c);
-      }
-    }
-    for (int64_t t = 0; t < n; ++t) {
-      for (int hk = 0; hk < Hkv; ++hk) {
-        __m512 r[R];
-        load_row<D>(vb + t * token_stride + hk * head_stride, r);
-        for (int g = 0; g < G; ++g) {
-          const int h = hk * G + g;
-          const __m512 w = _mm512_set1_ps(p[h][t]);
-          for (int j = 0; j < R; ++j) acc[h][j] = _mm512_fmadd_ps(w, r[j], acc[h][j]);
-        }
-      }
     }
   }
-  for (int h = 0; h < H; ++h) {
-    alignas(64) float o[D];
-    const __m512 inv = _mm512_set1_ps(1.f / l[h]);
-    for (int j = 0; j < R; ++j) _mm512_store_ps(o + 16 * j, _mm512_mul_ps(acc[h][j], inv));
-    for (int d = 0; d < D; ++d) from_float(o[d], out + h * D + d);
-  }
+  for (int h = 0; h < H; ++h) store_row<D>(acc[h], 1.f / _mm512_reduce_add_ps(lsum[h]), out + h * D);
 }
 #define DECODE_SEQUENCE decode_sequence_avx512
 #else

@@ -51,7 +51,8 @@ def test_a_recovery_goes_ahead_of_fresh_prompts(quiet_engine):
 
 
 def test_a_migration_passes_its_next_token_and_waits_for_its_kv_once(quiet_engine, monkeypatch):
-    monkeypatch.setattr(decode_worker, "HANDOVER_WAIT_S", 0.2)
+    monkeypatch.setattr(decode_worker, "HANDOVER_WAIT_MIN_S", 0.2)
+    monkeypatch.setattr(decode_worker, "HANDOVER_WAIT_MAX_S", 0.4)
     d = DecodeWorker("d-mig", None, KVTransferConfig(backend="local", worker_id="d-mig"), engine=quiet_engine)
     try:
         req = work("moved", committed=[5, 6, 7], attempt=1)
@@ -66,5 +67,11 @@ def test_a_migration_passes_its_next_token_and_waits_for_its_kv_once(quiet_engin
         assert 0.15 <= first < 2.0 and again < 0.1, (first, again)   # waited once, bounded
         assert "moved" in d.incoming and d.engine.scheduler.running == []
         assert d.abort("moved")
+        d.last_step_s = 5.0                  # nothing runs here: the wait is HANDOVER_WAIT_MAX_S, whatever a step took
+        d.expect(work("moved-2", committed=[5, 6, 7], attempt=1), spec("moved-2", "d-gone", "d-mig", 42, 1), 8)
+        t0 = time.monotonic()
+        d.tick()
+        assert 0.35 <= time.monotonic() - t0 < 2.0
+        assert d.abort("moved-2")
     finally:
         d.kv.close()

@@ -54,6 +54,22 @@ def test_paged_decode_matches_reference(dtype, tol, heads, kv_heads, head_dim, l
     torch.testing.assert_close(got.float(), expected.float(), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,lens,block_size,q_scale", [
+    (9, 3, 64, [7, 40, 100], 32, 1.0),              # two 16-token chunks per block
+    (9, 3, 64, [7, 40, 100], 8, 1.0),               # chunks shorter than 16 tokens
+    (12, 2, 64, [90, 33], 16, 1.0),                 # 6 query heads per KV head: two register groups
+    (6, 2, 128, [50, 129], 64, 1.0),                # head_dim 128, 3 query heads per KV head
+    (9, 3, 64, [1, 77, 300], 16, 20.0),             # peaked softmax: most weights underflow to 0
+])
+def test_paged_decode_chunks_and_groups(dtype, tol, heads, kv_heads, head_dim, lens, block_size, q_scale):
+    q, kv, meta = _paged_case(dtype, lens, heads, kv_heads, head_dim, block_size)
+    q = (q.float() * q_scale).to(dtype)
+    expected = torch_ref.decode_reference(q, kv, meta, head_dim ** -0.5)
+    got = ops.paged_decode(q, kv, meta.block_tables, meta.context_lens_t, head_dim ** -0.5)
+    torch.testing.assert_close(got.float(), expected.float(), atol=tol, rtol=tol)
+
+
 def test_decode_uses_the_kernel_and_agrees_in_a_layer_view():
     """The engine passes one layer's view of the whole cache ([layers, 2, ...][i]): strides must be honoured."""
     q, kv, meta = _paged_case(torch.bfloat16, [7, 40], 9, 3, 64)

@@ -82,3 +82,28 @@ def test_max_num_seqs_caps_the_batch():
         sched.add(Sequence(f"s{i}", [1, 2, 3], SamplingParams(max_tokens=3)))
     batch, _ = step(sched)
     assert len(batch) == 2 and len(sched.waiting) == 2
+
+
+def test_an_urgent_sequence_goes_ahead_of_a_prompt_in_progress():
+    sched, bm = make(budget=8)
+    long = Sequence("long", list(range(10, 34)), SamplingParams(max_tokens=2))
+    new = Sequence("new", [1, 3, 4], SamplingParams(max_tokens=2))
+    sched.add(long)
+    batch, _ = step(sched)
+    assert batch.num_new_tokens == [8]                          # the long prompt's first chunk
+    sched.add(new)
+    first = Sequence("rec-1", list(range(40, 50)), SamplingParams(max_tokens=2))
+    second = Sequence("rec-2", [7, 8], SamplingParams(max_tokens=2))
+    sched.add_urgent(first)
+    sched.add_urgent(second)                                    # behind the earlier urgent one, ahead of "new"
+    assert [s.request_id for s in sched.waiting] == ["rec-1", "rec-2", "new"]
+    batch, _ = step(sched)
+    assert [s.request_id for s in batch.seqs] == ["rec-1"] and batch.num_new_tokens == [8]
+    batch, _ = step(sched)                                      # rec-1 keeps its place ahead of "long"
+    assert [s.request_id for s in batch.seqs] == ["rec-1", "rec-2", "long"]
+    assert batch.num_new_tokens == [2, 2, 4] and first.num_output_tokens == 1 and second.num_output_tokens == 1
+    for _ in range(20):
+        if not sched.has_unfinished:
+            break
+        step(sched)
+    assert not sched.has_unfinished and bm.num_free_blocks == 64
