@@ -38,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)    # imports every subcommand: Ctrl-C may land here
+    except KeyboardInterrupt:
+        return 130
     try:
         return args.run(args) or 0
     except ValueError as e:            # bad input: one clear line, no traceback

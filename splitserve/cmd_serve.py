@@ -41,7 +41,10 @@ def register(sub) -> None:
     p.add_argument("--prefill-tp", type=int, default=0, help="TP ranks per prefill worker (default: --tp)")
     p.add_argument("--decode-tp", type=int, default=0, help="TP ranks per decode worker (default: --tp)")
     p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--max-num-batched-tokens", type=int, default=512,
+                   help="tokens one engine step may compute (the chunked-prefill budget, default 512). A request "
+                        "recovered after a worker died waits for the prefill step in progress, so on CPU, where a "
+                        "512-token step takes seconds, 128-256 keeps recovery stalls short")
     p.add_argument("--kv-transfer", default="torch_dist", choices=["torch_dist", "local", "fake"])
     p.add_argument("--drain-deadline", type=float, default=30.0)
     p.add_argument("--heartbeat-timeout", type=float, default=10.0,
