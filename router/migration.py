@@ -59,7 +59,9 @@ async def drain(router, target: str, deadline_s: float) -> DrainReport:
         if h.role == "prefill":
             continue
         moving = [r for r in list(router.requests.values()) if not r.finished and r.decode == h.worker_id]
-        results = await asyncio.gather(*(_move(router, r, h, end) for r in moving))
+        targets = [c for c in router.decode_candidates() if c.worker_id != h.worker_id]
+        dsts = spread(len(moving), targets)
+        results = await asyncio.gather(*(_move(router, r, h, d, end) for r, d in zip(moving, dsts)))
         report.migrated += sum(1 for ok in results if ok)
         report.recomputed += sum(1 for ok in results if not ok)
     for h in handles:          # prefill workers: let their in-flight prompts finish, within the deadline
@@ -86,11 +88,26 @@ async def _outgoing_done(handle, end: float) -> None:
         await asyncio.sleep(0.02)
 
 
-async def _move(router, req, source, end: float) -> bool:
-    """Move one request off `source`; True if its live KV went over, False if it was re-placed by recompute."""
-    targets = [c for c in router.decode_candidates() if c.worker_id != source.worker_id]
-    if targets and end - time.monotonic() >= MIN_LIVE_MIGRATION_S:
-        dst = min(targets, key=lambda c: (c.active_requests, -c.free_blocks)).worker_id
+def spread(n: int, targets: list) -> list[str | None]:
+    """Destinations for `n` requests drained together: each goes to the least busy target counting the ones
+    assigned before it (most free KV blocks on a tie), so one destination's link and next step do not take them
+    all while another idles. None for every request when there is no target."""
+    if not targets:
+        return [None] * n
+    load = {c.worker_id: c.active_requests for c in targets}
+    free = {c.worker_id: c.free_blocks for c in targets}
+    out = []
+    for _ in range(n):
+        wid = min(load, key=lambda w: (load[w], -free[w]))
+        load[wid] += 1
+        out.append(wid)
+    return out
+
+
+async def _move(router, req, source, dst: str | None, end: float) -> bool:
+    """Move one request off `source` to `dst`; True if its live KV went over, False if it was re-placed by
+    recompute (no destination, too close to the deadline, or the migration failed)."""
+    if dst is not None and end - time.monotonic() >= MIN_LIVE_MIGRATION_S:
         try:
             return await asyncio.wait_for(_live(router, req, source, dst), max(0.1, end - time.monotonic()))
         except Exception as e:

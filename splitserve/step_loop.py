@@ -1,4 +1,5 @@
-"""A worker's engine thread: the only thread that touches its engine and KV backend.
+"""A worker's engine thread. Its engine and KV backend are touched only under `state_lock`: by this thread (which
+holds it except where a tick releases it), or by a `call_now` command on its caller's thread.
 
     caller threads ──call(fn)──> command queue ──> loop thread: run commands, tick(), repeat
     caller threads ──call_now(fn)──> runs on the caller's thread once it holds `state_lock`: between ticks, or
