@@ -118,15 +118,9 @@ class Scheduler:
                 i += 1
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if not seq.block_table:
-                self.blocks.match_prefix(seq)
-            n = min(seq.num_uncomputed_tokens, budget)
-            reserve = seq.num_uncomputed_tokens if self.config.reserve_full_prompt else n
-            if not self.blocks.allocate(seq, reserve):
-                self.blocks.free(seq)
+            n = self._take_waiting(budget)
+            if n is None:
                 break
-            self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
@@ -143,17 +137,27 @@ class Scheduler:
             at += 1
         self.waiting.insert(at, seq)
 
+    def _take_waiting(self, budget: int) -> int | None:
+        """Move the head of `waiting` out of the queue as RUNNING (the caller places it in `running`), with its
+        prefix-cache hits and blocks for its next chunk of at most `budget` tokens (its whole prompt with
+        reserve_full_prompt). Returns that chunk's size; None, and nothing changed, when the blocks are not there."""
+        seq = self.waiting[0]
+        if not seq.block_table:
+            self.blocks.match_prefix(seq)
+        chunk = min(seq.num_uncomputed_tokens, budget)      # after the prefix hits
+        if not self.blocks.allocate(seq, seq.num_uncomputed_tokens if self.config.reserve_full_prompt else chunk):
+            self.blocks.free(seq)
+            return None
+        self.waiting.popleft()
+        seq.status = SequenceStatus.RUNNING
+        return chunk
+
     def _admit_urgent(self) -> None:
         front: list[Sequence] = []
         while self.waiting and self.waiting[0].urgent and len(self.running) + len(front) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if not seq.block_table:
-                self.blocks.match_prefix(seq)
-            if self.config.reserve_full_prompt and not self.blocks.allocate(seq, seq.num_uncomputed_tokens):
-                self.blocks.free(seq)
+            if self._take_waiting(budget=0) is None:   # its chunk is allocated when schedule() gives it budget
                 break
-            self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
             front.append(seq)
         self.running[:0] = front     # preemption takes from the back: urgent sequences are preempted last
 
