@@ -4,7 +4,14 @@ Decode worker: the live, non-draining one with the fewest active requests (the r
 ties broken by free KV blocks. Prefill: when the part of the prompt the decode worker has not cached is at least
 `local_prefill_threshold` tokens, the prefill worker with the least queued work, where work = tokens in flight
 there + this prompt's tokens it has not cached (prefix overlap from the chained block hashes it advertises).
-Every decision is returned with its reason, which the router counts in a metric.
+
+Conditional disaggregation (`backlog_s`, off by default): when even that prefill worker has at least `backlog_s`
+of prompts queued ahead of this one (its queued tokens over its measured prefill rate), and the decode worker
+has no prompt of its own in progress, the decode worker prefills this one itself if it would be done sooner
+(this prompt's uncached tokens there, against the queue plus this prompt on the prefill worker, both at the prefill
+worker's rate). A saturated prefill pool then borrows decode capacity, one prompt per decode worker at a time,
+which bounds what it costs the decoding requests there. Every decision is returned with its reason, which the
+router counts in a metric.
 """
 
 from __future__ import annotations
@@ -21,13 +28,14 @@ class Candidate:
     inflight_tokens: int = 0          # prefill: prompt tokens handed over and not yet prefilled
     free_blocks: int = 0
     prefix_hashes: frozenset = frozenset()
+    prefill_rate: float | None = None  # measured prompt tokens/s (router/admission.py LatencyModel); None: not yet
 
 
 @dataclass(slots=True)
 class Placement:
     decode: str
     prefill: str | None
-    reason: str                       # prefill_remote | decode_local_short | decode_local_cached | colocated
+    reason: str    # prefill_remote | decode_local_short | decode_local_cached | decode_local_backlog | colocated
     cached_tokens: int = 0
 
 
@@ -41,7 +49,7 @@ def overlap_tokens(hashes: list[int], cached: frozenset, block_size: int) -> int
 
 
 def place(token_ids: list[int], decode: list[Candidate], prefill: list[Candidate], block_size: int, salt: int,
-          local_prefill_threshold: int, colocated: bool = False) -> Placement:
+          local_prefill_threshold: int, colocated: bool = False, backlog_s: float | None = None) -> Placement:
     if not decode:
         raise LookupError("no live decode worker")
     d = min(decode, key=lambda c: (c.active_requests, -c.free_blocks, c.worker_id))
@@ -58,4 +66,8 @@ def place(token_ids: list[int], decode: list[Candidate], prefill: list[Candidate
         return (c.inflight_tokens + len(token_ids) - overlap_tokens(hashes, c.prefix_hashes, block_size), c.worker_id)
 
     p = min(prefill, key=work)
+    if backlog_s is not None and d.inflight_tokens == 0 and p.prefill_rate:
+        queued_s = p.inflight_tokens / p.prefill_rate
+        if queued_s >= backlog_s and uncached < work(p)[0]:
+            return Placement(d.worker_id, None, "decode_local_backlog", d_cached)
     return Placement(d.worker_id, p.worker_id, "prefill_remote", overlap_tokens(hashes, p.prefix_hashes, block_size))

@@ -28,7 +28,7 @@ from .health import WorkerHealth
 from .journal import Journal, JournalError, JournalRecord, RequestIdInUse
 from .journal_memory import MemoryJournal
 from .metrics import Metrics
-from .placement import Candidate, place
+from .placement import Candidate, Placement, place
 from .request_log import RequestLog, RequestLogs
 from .service import GenerateRequest, LoadInfo, ModelInfo, ServiceError, TokenEvent
 from .validation import validate_request
@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 @dataclass(slots=True)
 class RouterConfig:
     local_prefill_threshold: int = 32     # uncached prompt tokens under which the decode worker prefills itself
+    local_prefill_backlog_s: float | None = None   # conditional disaggregation (router/placement.py); None: off
     max_placements: int = 5               # placements per request (1 + migrations/recoveries) before it fails
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 10.0
@@ -156,8 +157,7 @@ class Router(WorkerHealth):
         decode = self._candidates(self.pools.decode)
         if not decode:
             return Estimate(None, None, True, True)      # placement waits for a decode worker anyway
-        choice = place(token_ids, decode, self._candidates(self.pools.prefill), self.info.block_size, self.salt,
-                       self.config.local_prefill_threshold, self.config.colocated)
+        choice = self._choose(token_ids, decode)
         pending_tokens, pending = sum(self._unplaced.values()), len(self._unplaced)
         active = next(c.active_requests for c in decode if c.worker_id == choice.decode) + pending
         prefill_id = choice.prefill or choice.decode
@@ -301,8 +301,13 @@ class Router(WorkerHealth):
             active = sum(1 for r in self.requests.values() if not r.finished and r.decode == h.worker_id)
             out.append(Candidate(h.worker_id, active, self._inflight_prefill.get(h.worker_id, 0),
                                  load.num_free_blocks if load else 0,
-                                 frozenset(load.prefix_hashes) if load else frozenset()))
+                                 frozenset(load.prefix_hashes) if load else frozenset(),
+                                 self.latency.prefill_rate(h.worker_id)))
         return out
+
+    def _choose(self, token_ids: list[int], decode: list[Candidate]) -> Placement:
+        return place(token_ids, decode, self._candidates(self.pools.prefill), self.info.block_size, self.salt,
+                     self.config.local_prefill_threshold, self.config.colocated, self.config.local_prefill_backlog_s)
 
     async def _place(self, req: _Request) -> None:
         """Put the request (with whatever it has committed) on a decode worker, through a prefill worker if useful."""
@@ -312,9 +317,7 @@ class Router(WorkerHealth):
                                                  "placements (workers kept failing)")
                 return
             try:
-                choice = place(req.work.token_ids, self._candidates(self.pools.decode),
-                               self._candidates(self.pools.prefill), self.info.block_size, self.salt,
-                               self.config.local_prefill_threshold, self.config.colocated)
+                choice = self._choose(req.work.token_ids, self._candidates(self.pools.decode))
             except LookupError:
                 await asyncio.sleep(0.5)         # every decode worker is gone or draining: wait for one (waiting
                 continue                         # is not a placement: a lone worker's successor may take a while)

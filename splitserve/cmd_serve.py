@@ -31,6 +31,10 @@ def register(sub) -> None:
     p.add_argument("--redis-url", default=None, help="journal in Redis (cluster mode); default in-process")
     p.add_argument("--local-prefill-threshold", type=int, default=32,
                    help="uncached prompt tokens under which the decode worker prefills itself")
+    p.add_argument("--local-prefill-backlog-ms", type=float, default=None, metavar="MS",
+                   help="conditional disaggregation: once the prefill workers have at least MS of prompts queued, a "
+                        "decode worker with no prompt of its own in progress prefills a new request itself when that "
+                        "is sooner (one at a time per decode worker; off by default)")
     p.add_argument("--ttft-slo-ms", type=float, default=None,
                    help="admission control: hold, then refuse (429), requests that would miss this time to first token")
     p.add_argument("--tpot-slo-ms", type=float, default=None,
@@ -91,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
     if args.embedded and (args.ttft_slo_ms or args.tpot_slo_ms):
         raise ValueError("--ttft-slo-ms / --tpot-slo-ms need the cluster router; drop --embedded")
     admission_config(args)      # bad targets fail here, before anything starts
+    backlog_s(args)
     if not args.heartbeat_timeout > 0:
         raise ValueError(f"--heartbeat-timeout must be > 0 seconds, got {args.heartbeat_timeout}")
     code = asyncio.run(_serve(args, config, options))
@@ -255,6 +260,7 @@ async def _cluster(args, config, started: _Started):
                      fingerprint=ready["fingerprint"])
     eos = set(model_config.eos_token_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
     router = Router(pools, tokenizer, info, RouterConfig(local_prefill_threshold=args.local_prefill_threshold,
+                                                         local_prefill_backlog_s=backlog_s(args),
                                                          colocated=args.colocated, admission=admission_config(args),
                                                          heartbeat_timeout_s=args.heartbeat_timeout),
                     eos_token_ids=tuple(eos), journal=journal)
@@ -276,6 +282,17 @@ def admission_config(args):
 
     ms = lambda v: None if v is None else v / 1000.0   # noqa: E731
     return AdmissionConfig(ttft_s=ms(args.ttft_slo_ms), tpot_s=ms(args.tpot_slo_ms), max_queue_s=ms(args.max_queue_ms))
+
+
+def backlog_s(args) -> float | None:
+    ms = args.local_prefill_backlog_ms
+    if ms is None:
+        return None
+    if not ms >= 0:
+        raise ValueError(f"--local-prefill-backlog-ms must be >= 0 milliseconds, got {ms:g}")
+    if args.colocated or args.embedded:
+        raise ValueError("--local-prefill-backlog-ms needs separate prefill and decode pools; drop --colocated/--embedded")
+    return ms / 1000.0
 
 
 def default_model_name_of_package() -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from splitserve.client import Client
 from splitserve.engine.sampling_params import SamplingParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cluster"))
-from serve_process import ServeProcess  # noqa: E402
+from serve_process import ServeProcess, stream_through_fault, workers  # noqa: E402
 
 PROMPTS = ["Write a long story about a lighthouse keeper and a storm.",
            "Explain, step by step, how a bicycle gear system works and why it helps.",
@@ -45,34 +44,9 @@ def expected(engine_f32):
     return [c.token_ids for c in engine_f32.generate(prompts, params)]
 
 
-def workers(server) -> list[dict]:
-    return httpx.get(server.url + "/admin/workers", timeout=10).json()["workers"]
-
-
 def run_streams(server, fault) -> list[list]:
     """Stream every prompt concurrently; call `fault()` once each stream has a few chunks."""
-    results: list[list] = [None] * len(PROMPTS)
-    started = threading.Barrier(len(PROMPTS) + 1)
-
-    def one(i: int) -> None:
-        with Client(f"127.0.0.1:{server.grpc_port}", timeout=300) as client:
-            chunks = []
-            with client.stream(messages=[{"role": "user", "content": PROMPTS[i]}], max_tokens=N_TOKENS,
-                               ignore_eos=True, **sampling(i)) as stream:
-                for chunk in stream:
-                    chunks.append(chunk)
-                    if len(chunks) == 4:
-                        started.wait(120)
-            results[i] = chunks
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(PROMPTS))]
-    for t in threads:
-        t.start()
-    started.wait(300)
-    fault()
-    for t in threads:
-        t.join(300)
-    return results
+    return stream_through_fault(server, PROMPTS, N_TOKENS, sampling, fault, after_chunks=4)
 
 
 def check(results, expected) -> None:

@@ -7,7 +7,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from typing import Callable
 
 import httpx
 
@@ -71,3 +73,37 @@ def metric_value(text: str, name: str, **labels: str) -> float:
             if head == name or head.startswith(name + "{"):
                 total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def workers(server: ServeProcess) -> list[dict]:
+    return httpx.get(server.url + "/admin/workers", timeout=10).json()["workers"]
+
+
+def stream_through_fault(server: ServeProcess, prompts: list[str], max_tokens: int, sampling: Callable[[int], dict],
+                         fault: Callable[[], None], after_chunks: int, wait_s: float = 300) -> list[list | None]:
+    """Stream every prompt concurrently over gRPC (ignore_eos); call `fault()` once each stream has
+    `after_chunks` chunks. Returns each stream's chunks (None if it did not finish)."""
+    from splitserve.client import Client
+
+    results: list[list | None] = [None] * len(prompts)
+    started = threading.Barrier(len(prompts) + 1)
+
+    def one(i: int) -> None:
+        with Client(f"127.0.0.1:{server.grpc_port}", timeout=300) as client:
+            chunks = []
+            with client.stream(messages=[{"role": "user", "content": prompts[i]}], max_tokens=max_tokens,
+                               ignore_eos=True, **sampling(i)) as stream:
+                for chunk in stream:
+                    chunks.append(chunk)
+                    if len(chunks) == after_chunks:
+                        started.wait(wait_s)
+            results[i] = chunks
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    started.wait(wait_s)
+    fault()
+    for t in threads:
+        t.join(300)
+    return results

@@ -32,11 +32,15 @@ def requests_mix():
     return out
 
 
-@pytest.fixture(scope="module", params=[(1, 1), (1, 2)], ids=["1P+1D", "1P+2D"])
+# 1P+2D also runs conditional disaggregation at its most eager (any prefill queue lends a prompt to an idle decode
+# worker): outputs must not depend on where a prompt was prefilled
+@pytest.fixture(scope="module", params=[(1, 1, ()), (1, 2, ("--local-prefill-backlog-ms", "0"))],
+                ids=["1P+1D", "1P+2D"])
 def server(request):
-    prefill, decode = request.param
+    prefill, decode, extra = request.param
     proc = ServeProcess("--prefill-workers", str(prefill), "--decode-workers", str(decode), "--dtype", "float32",
-                        "--kv-cache-gb", "0.25", "--cpus-per-worker", "0.5")
+                        "--kv-cache-gb", "0.25", "--cpus-per-worker", "0.5", *extra)
+    proc.backlog_offload = bool(extra)
     yield proc
     assert proc.stop() == 0, proc.output()[-3000:]
     # no Ray process of this server is left behind
@@ -68,12 +72,15 @@ def test_concurrent_outputs_equal_local_engine(server, expected_mix):
                                            max_tokens=max_tokens, **sampling)
         return r.choices[0].message.content
 
+    call(mix[1])        # one prompt prefilled remotely first: the router then knows the prefill rate
     with cf.ThreadPoolExecutor(32) as pool:
         got = list(pool.map(call, mix))
     assert got == expected_mix
     metrics = server.metrics()
     assert metric_value(metrics, "splitserve_placement_decisions_total", reason="prefill_remote") > 0
     assert metric_value(metrics, "splitserve_placement_decisions_total", reason="decode_local_short") > 0
+    backlog = metric_value(metrics, "splitserve_placement_decisions_total", reason="decode_local_backlog")
+    assert (backlog > 0) == server.backlog_offload
     # the shared system prompt is served from the prefix cache after the first request
     assert metric_value(metrics, "splitserve_prefix_cache_hit_tokens_total") > 0
 

@@ -9,19 +9,16 @@ import concurrent.futures as cf
 import os
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 
-from splitserve.client import Client
 from splitserve.engine.sampling_params import SamplingParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cluster"))
-from serve_process import ServeProcess  # noqa: E402
+from serve_process import ServeProcess, stream_through_fault, workers  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -44,10 +41,6 @@ def server():
 
 def chat_ids(engine, text: str) -> list[int]:
     return engine.tokenizer.apply_chat_template([{"role": "user", "content": text}])
-
-
-def workers(server) -> list[dict]:
-    return httpx.get(server.url + "/admin/workers", timeout=10).json()["workers"]
 
 
 @pytest.mark.timeout(600)      # includes starting the server (4 ranks loading) on a busy CI machine
@@ -74,28 +67,13 @@ def test_dead_follower_rank_is_a_dead_worker(server, engine_f32):
     expected = [c.token_ids for c in engine_f32.generate([chat_ids(engine_f32, p) for p in prompts], params)]
     victims = {role: next(w for w in workers(server) if w["role"] == role and w["alive"])
                for role in ("decode", "prefill")}
-    results: list = [None] * len(prompts)
-    started = threading.Barrier(len(prompts) + 1)
 
-    def one(i: int) -> None:
-        with Client(f"127.0.0.1:{server.grpc_port}", timeout=300) as client:
-            chunks = []
-            with client.stream(messages=[{"role": "user", "content": prompts[i]}], max_tokens=STREAM_TOKENS,
-                               ignore_eos=True, temperature=0.0) as stream:
-                for chunk in stream:
-                    chunks.append(chunk)
-                    if len(chunks) == 3:
-                        started.wait(200)
-            results[i] = chunks
+    def fault() -> None:
+        for victim in victims.values():                      # rank 1 only: rank 0 is alive and well
+            os.kill(victim["rank_pids"][1], signal.SIGKILL)  # (the prefill worker sits idle: its heartbeat tells)
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    started.wait(200)
-    for victim in victims.values():                          # rank 1 only: rank 0 is alive and well
-        os.kill(victim["rank_pids"][1], signal.SIGKILL)      # (the prefill worker sits idle: its heartbeat tells)
-    for t in threads:
-        t.join(300)
+    results = stream_through_fault(server, prompts, STREAM_TOKENS, lambda i: dict(temperature=0.0), fault,
+                                   after_chunks=3, wait_s=200)
     for chunks, want in zip(results, expected):
         assert chunks is not None
         assert [c.seq for c in chunks] == list(range(1, len(chunks) + 1))       # no gap, no repeat
