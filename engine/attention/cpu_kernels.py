@@ -1,7 +1,9 @@
 """Native CPU kernels, compiled on first use with torch's C++ extension builder:
 
-  attention/cpu_decode.cpp  paged_decode: decode attention read straight from the KV pages (float32, bfloat16)
-  models/cpu_layers.cpp     rms_norm, silu_mul: fused bfloat16 elementwise layers
+  attention/cpu_decode.cpp  paged_decode: decode attention read straight from the KV pages (float32, bfloat16);
+                            rope_store_decode: rotary + KV-cache store + paged_decode in one call
+  models/cpu_layers.cpp     rms_norm, add_rms_norm, silu_mul: fused bfloat16 elementwise layers;
+                            argmax_rows: greedy sampling's argmax (float32, bfloat16)
 
 `native_ops()` returns the `torch.ops.splitserve_cpu` namespace, or None when no C++ compiler is available or the
 build fails; callers then keep their pure-torch path. The build (~30-60 s, once per machine, torch version and
@@ -24,12 +26,15 @@ from splitserve.settings import settings
 log = logging.getLogger(__name__)
 _ENGINE = Path(__file__).resolve().parent.parent
 SOURCES = (_ENGINE / "attention" / "cpu_decode.cpp", _ENGINE / "models" / "cpu_layers.cpp")
+# -ffp-contract=off: no implicit fused multiply-adds, so the float32 rotary rounds exactly as ATen's (and HF's)
+# separate multiplies and add; where the kernels want an FMA they ask for it with an intrinsic
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
 def native_ops():
-    """torch.ops.splitserve_cpu (paged_decode, rms_norm, silu_mul), or None when it cannot be built here."""
+    """torch.ops.splitserve_cpu (the ops listed above), or None when it cannot be built here."""
     if "ops" not in _state:
         with _lock:
             if "ops" not in _state:
@@ -43,16 +48,16 @@ def paged_decode_op():
 
 
 def _build():
-    if hasattr(torch.ops.splitserve_cpu, "paged_decode"):
+    if hasattr(torch.ops.splitserve_cpu, "rope_store_decode"):
         return torch.ops.splitserve_cpu
     try:
         key = b"".join(p.read_bytes() for p in SOURCES) + torch.__version__.encode() \
-            + torch.backends.cpu.get_cpu_capability().encode()
+            + torch.backends.cpu.get_cpu_capability().encode() + " ".join(CFLAGS).encode()
         name = f"splitserve_cpu_{hashlib.blake2b(key, digest_size=6).hexdigest()}"
         library = Path(settings.cache_dir) / "kernels" / f"{name}.so"
         if not library.exists():
             _compile(name, library)             # builds and loads it
-        if not hasattr(torch.ops.splitserve_cpu, "paged_decode"):
+        if not hasattr(torch.ops.splitserve_cpu, "rope_store_decode"):
             torch.ops.load_library(str(library))
     except Exception as e:  # noqa: BLE001 - a failed build means "use the torch paths", never a crash
         log.warning("could not build the native CPU kernels (%s); using the torch paths", e)
@@ -73,7 +78,7 @@ def _compile(name: str, library: Path) -> None:
         # -march=native: the library is built on, and only loaded by, this machine (the name holds the CPU's
         # capability level); -fopenmp: at::parallel_for uses torch's OpenMP runtime (the same libgomp.so.1)
         load(name=name, sources=[str(p) for p in SOURCES], build_directory=str(build_dir),
-             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+             extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
              is_python_module=False, verbose=False)
         os.replace(build_dir / f"{name}.so", library)
     finally:

@@ -1,7 +1,8 @@
 """The torch reference attention backend: the oracle for the Triton kernels, and the CPU path.
 
 Decode on CPU runs the native kernel (`cpu_decode.cpp`, built on first use) when it can be built, else
-`decode_reference`, which is also the oracle for that kernel.
+`decode_reference`, which is also the oracle for that kernel. `rope_store_decode_op` gives the model the native op
+that also does the rotary embedding and the KV store of a decode step in the same call.
 
 kv_layer is one layer's `[2, num_blocks, block_size, num_kv_heads, head_dim]` view of the KV cache.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .cpu_kernels import paged_decode_op
+from .cpu_kernels import native_ops, paged_decode_op
 from .metadata import AttentionMetadata
 
 
@@ -54,9 +55,22 @@ def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMeta
 def _decode(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """All sequences have one new token. On CPU the native kernel (`cpu_decode.cpp`) reads K and V straight from
     the pages, with no gather and no padding to the longest context: 1.5-4x faster than `decode_reference`."""
-    if kv_layer.device.type == "cpu" and (op := _native_decode(q, kv_layer)) is not None:
+    if kv_layer.device.type == "cpu" and (op := _native_decode(q.dtype, q.shape[1], kv_layer)) is not None:
         return op(q, kv_layer, meta.block_tables, meta.context_lens_t, scale)
     return decode_reference(q, kv_layer, meta, scale)
+
+
+def rope_store_decode_op(dtype: torch.dtype, num_heads: int, kv_layer: torch.Tensor, meta: AttentionMetadata):
+    """The native op that does a CPU decode step's rotary embedding, KV store and attention in one call
+    (`cpu_decode.cpp`), when this step can use it, else None (prefill, another device or dtype, no native build):
+    the caller then rotates, stores and attends with the separate functions. Its signature:
+
+        (qkv [T, (H + 2 Hkv) * D] contiguous, cos [T, 1, D], signed_sin [T, 1, D] (in qkv's dtype), kv_layer,
+         slot_mapping, block_tables, context_lens_t, num_heads, scale) -> [T, H * D]
+    """
+    if not meta.is_decode_only or kv_layer.device.type != "cpu" or _native_decode(dtype, num_heads, kv_layer) is None:
+        return None
+    return native_ops().rope_store_decode.default
 
 
 def decode_reference(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -75,11 +89,11 @@ def decode_reference(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMet
     return o.reshape(meta.num_seqs, -1, head_dim)
 
 
-def _native_decode(q: torch.Tensor, kv_layer: torch.Tensor):
+def _native_decode(dtype: torch.dtype, num_heads: int, kv_layer: torch.Tensor):
     """The compiled CPU kernel when it applies (float32/bfloat16, head_dim 64 or 128, <= 32 query heads, blocks
     of <= 64 tokens) and could be built, else None."""
-    if q.dtype not in (torch.float32, torch.bfloat16) or q.shape[-1] not in (64, 128) or q.shape[1] > 32 or \
-            kv_layer.shape[2] > 64 or kv_layer.dtype != q.dtype:
+    if dtype not in (torch.float32, torch.bfloat16) or kv_layer.shape[-1] not in (64, 128) or num_heads > 32 or \
+            kv_layer.shape[2] > 64 or kv_layer.dtype != dtype:
         return None
     return paged_decode_op()
 

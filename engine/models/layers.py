@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,10 +28,31 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (ops := fused_bf16_ops(x)) is not None:      # same formula in one pass (8 ATen ops otherwise)
             return ops.rms_norm(x, self.weight, self.eps)
-        # float32 statistics and the same two roundings as HF (normalize, cast, then scale); F.rms_norm is one
-        # fused op, bit-identical to HF's x * rsqrt(mean(x^2) + eps)
-        normed = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
-        return self.weight * normed.to(x.dtype)
+        return _aten_rms_norm(x, self.weight, self.eps)
+
+    def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """The residual add then the norm: `x += delta` in place, returns RMSNorm(x) (one pass in bfloat16)."""
+        if x.is_contiguous() and (ops := fused_bf16_ops(x)) is not None:
+            return ops.add_rms_norm(x, delta, self.weight, self.eps)
+        return self.forward(x.add_(delta))
+
+    def kernels(self) -> tuple[Callable, Callable]:
+        """(forward, add_and_norm) for contiguous activations of the weight's dtype, bound once: the same ops
+        without the module call and the per-call dtype checks (`DecodePlan`)."""
+        w, eps = self.weight, self.eps
+        if (ops := fused_bf16_ops(w)) is not None:
+            norm, add_norm = ops.rms_norm.default, ops.add_rms_norm.default
+            return (lambda x: norm(x, w, eps)), (lambda x, delta: add_norm(x, delta, w, eps))
+        return (lambda x: _aten_rms_norm(x, w, eps)), (lambda x, delta: _aten_rms_norm(x.add_(delta), w, eps))
+
+
+def _aten_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's RMSNorm: float32 statistics and the same two roundings (normalize, cast, then scale). F.rms_norm is
+    one fused op, bit-identical to HF's x * rsqrt(mean(x^2) + eps); in float32 the cast is a no-op and the gain
+    can go into the same op (the same product of the same two floats)."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -95,6 +118,17 @@ class SwiGLU(nn.Module):
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
+    def act_kernel(self, like: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """silu(gate) * up of the gate_up projection's output, for activations of `like`'s dtype and device."""
+        if (ops := fused_bf16_ops(like)) is not None:
+            return ops.silu_mul.default
+        n = self.intermediate
+
+        def aten_act(gate_up: torch.Tensor) -> torch.Tensor:
+            gate, up = gate_up.split(n, dim=-1)
+            return F.silu(gate) * up
+        return aten_act
+
 
 # ---- pre-packed linears (CPU, bfloat16) ------------------------------------------------------------------------
 class PackedLinear(nn.Module):
@@ -115,6 +149,18 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, packed=oneDNN"
+
+
+def linear_kernel(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """x -> module(x) bound once, for a PackedLinear or a plain bias-free nn.Linear; None for anything else
+    (tensor-parallel linears all-reduce, so they keep their module call)."""
+    if type(module) is PackedLinear:
+        op, packed = torch.ops.mkldnn._linear_pointwise.default, module.packed
+        return lambda x: op(x, packed, None, "none", [], "")
+    if type(module) is nn.Linear and module.bias is None:
+        weight = module.weight
+        return lambda x: F.linear(x, weight)
+    return None
 
 
 def can_pack_linears(device: torch.device, dtype: torch.dtype) -> bool:

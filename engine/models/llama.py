@@ -26,6 +26,11 @@ class ForwardContext:
     backend: AttentionBackend
     on_layer_done: Callable[[int], None] | None = None
 
+    def fused_decode(self, dtype: torch.dtype, num_heads: int, kv_layer: torch.Tensor) -> Callable | None:
+        """The backend's rotary + KV store + attention op for this step, or None (see AttentionBackend)."""
+        get = self.backend.rope_store_decode_op
+        return None if get is None else get(dtype, num_heads, kv_layer, self.meta)
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
@@ -39,8 +44,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
                 kv_layer: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        if (fused := ctx.fused_decode(qkv.dtype, self.num_heads, kv_layer)) is not None:   # one call on CPU
+            cos, signed_sin = rotary.tables(positions, qkv.dtype)
+            meta = ctx.meta
+            return self.o_proj(fused(qkv, cos, signed_sin, kv_layer, meta.slot_mapping, meta.block_tables,
+                                     meta.context_lens_t, self.num_heads, self.scale))
         q_heads, qk_heads = self.num_heads, self.num_heads + self.num_kv_heads
-        qkv = self.qkv_proj(x).view(-1, qk_heads + self.num_kv_heads, self.head_dim)
+        qkv = qkv.view(-1, qk_heads + self.num_kv_heads, self.head_dim)
         qk = rotary.rotate(positions, qkv[:, :qk_heads])       # q and k heads rotated in one pass
         q, k, v = qk[:, :q_heads], qk[:, q_heads:], qkv[:, qk_heads:]
         ctx.backend.store_kv(k, v, kv_layer, ctx.meta.slot_mapping)
@@ -58,8 +69,10 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
                 kv_layer: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, kv_layer, ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        """Updates the residual stream `x` in place (and returns it)."""
+        attn = self.self_attn(self.input_layernorm(x), positions, rotary, kv_layer, ctx)
+        h = self.post_attention_layernorm.add_and_norm(x, attn)      # x += attn, then normalized
+        return x.add_(self.mlp(h))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -71,6 +84,9 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         # which KV-cache layer each module in self.layers writes; layer-parallel pairs rewrite this
         self.kv_layer_ids: list = list(range(cfg.num_hidden_layers))
+        # decode steps without the module dispatch (models/decode_plan.py); the model runner sets it once the
+        # model is final (transformed, packed): it binds the weights as they are then (a deepcopy has none)
+        self.decode_plan = None
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -79,9 +95,13 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """Returns final hidden states [T, hidden]; `compute_logits` turns the rows you need into logits."""
         x = self.embed_tokens(input_ids)
-        for layer, kv_id in zip(self.layers, self.kv_layer_ids):
-            x = layer(x, positions, self.rotary, ctx.kv_cache[kv_id] if isinstance(kv_id, int) else
-                      ctx.kv_cache[kv_id[0]:kv_id[-1] + 1], ctx)
+        kv = ctx.kv_cache
+        kv_layers = [kv[i] if isinstance(i, int) else kv[i[0]:i[-1] + 1] for i in self.kv_layer_ids]
+        if self.decode_plan is not None and (y := self.decode_plan.run(self.layers, x, positions, self.rotary,
+                                                                       kv_layers, self.kv_layer_ids, ctx)) is not None:
+            return self.norm(y)
+        for layer, kv_id, kv_layer in zip(self.layers, self.kv_layer_ids, kv_layers):
+            x = layer(x, positions, self.rotary, kv_layer, ctx)
             if ctx.on_layer_done is not None:
                 for done in (kv_id,) if isinstance(kv_id, int) else kv_id:
                     ctx.on_layer_done(done)

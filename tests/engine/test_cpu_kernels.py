@@ -107,3 +107,83 @@ def test_bad_inputs_raise():
         ops.rms_norm(torch.randn(2, 8), torch.ones(8), 1e-5)
     with pytest.raises(RuntimeError, match="even"):
         ops.silu_mul(torch.randn(2, 7).bfloat16())
+
+
+def _rope_store_case(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, lens: list[int], seed: int = 0):
+    """A decode step's qkv projection, rotary tables and KV cache (contexts of `lens`, the new token last)."""
+    from splitserve.engine.models.layers import RotaryEmbedding
+
+    _, kv, meta = _paged_case(dtype, lens, heads, kv_heads, head_dim, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    qkv = (torch.randn(len(lens), (heads + 2 * kv_heads) * head_dim, generator=g) * 2).to(dtype)
+    positions = torch.tensor([c - 1 for c in lens])
+    rotary = RotaryEmbedding(head_dim, 512, 10000.0)
+    cos, sin = rotary.tables(positions, dtype)
+    return qkv, kv, meta, rotary, positions, cos, sin
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,lens", [
+    (9, 3, 64, [1, 5, 16, 17, 33, 120]),
+    (4, 4, 128, [3, 64, 65]),
+])
+def test_rope_store_decode_same_as_the_three_torch_steps(dtype, heads, kv_heads, head_dim, lens):
+    """Rotary, KV store and attention in one call: the cache gets bit-identical K and V (the rotation rounds as
+    the ATen expression does, in both dtypes), and the output is what paged_decode gives on the rotated q."""
+    qkv, kv, meta, rotary, positions, cos, sin = _rope_store_case(dtype, heads, kv_heads, head_dim, lens)
+    x = qkv.view(len(lens), heads + 2 * kv_heads, head_dim)
+    qk = rotary.rotate(positions, x[:, :heads + kv_heads])
+    expected_kv = kv.clone()
+    torch_ref.store_kv(qk[:, heads:], x[:, heads + kv_heads:], expected_kv, meta.slot_mapping)
+    expected = ops.paged_decode(qk[:, :heads].contiguous(), expected_kv, meta.block_tables, meta.context_lens_t,
+                                head_dim ** -0.5)
+    got = ops.rope_store_decode(qkv, cos, sin, kv, meta.slot_mapping, meta.block_tables, meta.context_lens_t,
+                                heads, head_dim ** -0.5)
+    assert torch.equal(kv, expected_kv)
+    assert got.shape == (len(lens), heads * head_dim)
+    assert torch.equal(got, expected.view(len(lens), -1))
+
+
+def test_rope_store_decode_writes_only_the_new_slots_of_a_layer_view():
+    qkv, kv, meta, _, _, cos, sin = _rope_store_case(torch.bfloat16, 9, 3, 64, [7, 40])
+    cache = torch.stack([torch.zeros_like(kv), kv.clone(), torch.zeros_like(kv)])      # layer 1 is the real one
+    ops.rope_store_decode(qkv, cos, sin, cache[1], meta.slot_mapping, meta.block_tables, meta.context_lens_t,
+                          9, 0.125)
+    assert not cache[0].any() and not cache[2].any()
+    changed = (cache[1] != kv).view(2, -1, 3 * 64).any(-1).any(0).nonzero().flatten()   # slots that changed
+    assert changed.tolist() == sorted(meta.slot_mapping.tolist())
+
+
+def test_rope_store_decode_bad_inputs_raise():
+    qkv, kv, meta, _, _, cos, sin = _rope_store_case(torch.float32, 9, 3, 64, [7, 40])
+    with pytest.raises(RuntimeError, match="num_heads"):
+        ops.rope_store_decode(qkv, cos, sin, kv, meta.slot_mapping, meta.block_tables, meta.context_lens_t, 8, 0.1)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        ops.rope_store_decode(qkv, cos.bfloat16(), sin, kv, meta.slot_mapping, meta.block_tables,
+                              meta.context_lens_t, 9, 0.1)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 128])
+def test_add_rms_norm_is_the_bf16_add_then_rms_norm(rows):
+    g = torch.Generator().manual_seed(rows)
+    x = (torch.randn(rows, 576, generator=g) * 3).bfloat16()
+    delta = (torch.randn(rows, 576, generator=g) * 3).bfloat16()
+    weight = (torch.randn(576, generator=g) * 0.5 + 1).bfloat16()
+    summed = x + delta
+    got = ops.add_rms_norm(x, delta, weight, 1e-5)
+    assert torch.equal(x, summed)                                  # updated in place, rounded as ATen's add
+    assert torch.equal(got, ops.rms_norm(summed, weight, 1e-5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("vocab", [1, 15, 16, 49152, 1000])
+def test_argmax_rows_equals_torch_argmax(dtype, vocab):
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(6, vocab, generator=g).to(dtype)
+    logits[1] = logits[1].round()                                  # many ties: the first maximum wins
+    logits[2] = float("-inf")
+    if vocab > 3:
+        logits[3, vocab // 2] = float("nan")                       # a NaN is the maximum, as in ATen
+        logits[4, -1] = logits[4].max() + 1                        # the maximum in the scalar tail
+        logits[5, 0] = logits[5].max()                             # tied with a later maximum
+    assert torch.equal(ops.argmax_rows(logits), logits.argmax(dim=-1))
