@@ -157,6 +157,7 @@ def bench_target(target: Target, args, workload: WorkloadConfig, words: WordToke
                                        **{**common, "max_concurrency": 1}))
         if not any(r.ok for r in warm):
             raise RuntimeError(f"every warm-up request failed: {warm[0].error}")
+    before = placement_counts(target.base_url, args.api_key)
     for i, rate in enumerate(rates):
         specs = make_dataset(replace(workload, seed=workload.seed + i), words)
         load = os.getloadavg()[0]
@@ -166,11 +167,30 @@ def bench_target(target: Target, args, workload: WorkloadConfig, words: WordToke
             target.base_url, model, specs, request_rate=rate, seed=workload.seed + i, **common,
             progress=Progress(label, len(specs), enabled=not args.quiet)))
         summary = summarize(results, duration, args.ttft_slo_ms, args.tpot_slo_ms)
+        placed = placement_counts(target.base_url, args.api_key)
+        summary["placements"] = {k: n - before.get(k, 0) for k, n in placed.items() if n > before.get(k, 0)}
+        before = placed
         target.runs.append({"label": target.label, "rate": rate, "max_concurrency": args.max_concurrency,
                             "model": model, "loadavg_1m_before": load, "summary": summary})
-        print(f"\n== {label} ==\n{format_run(summary)}\n", file=sys.stderr if args.json else sys.stdout, flush=True)
+        text = format_run(summary) + (f"\nplacements: {summary['placements']}" if summary["placements"] else "")
+        print(f"\n== {label} ==\n{text}\n", file=sys.stderr if args.json else sys.stdout, flush=True)
         if target.server and not target.server.alive():
             raise RuntimeError(f"the server exited with {target.server.proc.returncode} during the run")
+
+
+def placement_counts(base_url: str, api_key: str | None) -> dict[str, float]:
+    """splitserve's placement decisions so far, by reason, from the server's /metrics; {} for other servers."""
+    root = base_url.rstrip("/").removesuffix("/v1")
+    try:
+        r = httpx.get(root + "/metrics", headers={"Authorization": f"Bearer {api_key}"} if api_key else {}, timeout=10)
+    except httpx.HTTPError:
+        return {}
+    out: dict[str, float] = {}
+    for line in r.text.splitlines() if r.status_code == 200 else []:
+        if line.startswith("splitserve_placement_decisions_total{") and 'reason="' in line:
+            reason = line.split('reason="', 1)[1].split('"', 1)[0]
+            out[reason] = out.get(reason, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
 
 
 def _clean(x):
