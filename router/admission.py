@@ -12,7 +12,8 @@ front of several routers) can then go elsewhere, and the requests that were admi
 
 The estimates come from what the router itself observes, so they need nothing from the workers:
 - prefill rate, per worker: prompt tokens over busy time, from each completed prefill (time since the later of
-  its start and the worker's previous completion), exponentially averaged. Estimated TTFT = (tokens queued there
+  its start and the worker's previous completion); tokens and busy time are averaged separately and divided,
+  so prompts finishing in the same step (a busy time near zero) do not inflate the rate. Estimated TTFT = (tokens queued there
   + tokens admitted but not placed yet + this prompt's uncached tokens) / rate.
 - time per output token, per decode worker: the gaps between a request's consecutive tokens, averaged, with the
   batch size they were seen at; adding one request scales it by (b + 1 + c) / (b + c), c = `fixed_cost_seqs`
@@ -81,7 +82,8 @@ class LatencyModel:
     """Per-worker running estimates of prefill throughput and time per output token."""
     alpha: float = 0.3
     fixed_cost_seqs: float = 4.0
-    _prefill_rate: dict[str, _Average] = field(default_factory=dict)     # tokens/s
+    _prefill_tokens: dict[str, _Average] = field(default_factory=dict)   # per completed prompt
+    _prefill_busy: dict[str, _Average] = field(default_factory=dict)     # seconds, per completed prompt
     _last_prefill_done: dict[str, float] = field(default_factory=dict)
     _tpot: dict[str, _Average] = field(default_factory=dict)             # seconds per token at batch _batch
     _batch: dict[str, _Average] = field(default_factory=dict)
@@ -90,20 +92,24 @@ class LatencyModel:
         now = time.monotonic() if now is None else now
         busy_since = max(started, self._last_prefill_done.get(worker_id, started))
         self._last_prefill_done[worker_id] = now
-        if num_tokens > 0 and now - busy_since > 1e-4:
-            self._prefill_rate.setdefault(worker_id, _Average()).add(num_tokens / (now - busy_since), self.alpha)
+        if num_tokens > 0:
+            self._prefill_tokens.setdefault(worker_id, _Average()).add(num_tokens, self.alpha)
+            self._prefill_busy.setdefault(worker_id, _Average()).add(max(0.0, now - busy_since), self.alpha)
 
     def token_gap(self, worker_id: str, seconds_per_token: float, batch: int) -> None:
         self._tpot.setdefault(worker_id, _Average()).add(seconds_per_token, self.alpha)
         self._batch.setdefault(worker_id, _Average()).add(float(max(1, batch)), self.alpha)
 
     def forget(self, worker_id: str) -> None:
-        for d in (self._prefill_rate, self._last_prefill_done, self._tpot, self._batch):
+        for d in (self._prefill_tokens, self._prefill_busy, self._last_prefill_done, self._tpot, self._batch):
             d.pop(worker_id, None)
 
     def prefill_rate(self, worker_id: str) -> float | None:
-        avg = self._prefill_rate.get(worker_id)
-        return avg.value if avg else None
+        """Tokens/s, or None before a prompt with measurable busy time completed there."""
+        tokens, busy = self._prefill_tokens.get(worker_id), self._prefill_busy.get(worker_id)
+        if tokens is None or busy is None or busy.value is None or busy.value <= 1e-4:
+            return None
+        return tokens.value / busy.value
 
     def ttft(self, worker_id: str, queued_tokens: int, new_tokens: int) -> float | None:
         rate = self.prefill_rate(worker_id)

@@ -22,6 +22,17 @@ def test_prefill_rate_counts_busy_time_not_queueing():
     assert m.ttft("p1", 0, 100) is None                           # never measured
 
 
+def test_prompts_finishing_in_one_step_do_not_inflate_the_prefill_rate():
+    m = LatencyModel(alpha=0.5)
+    m.prefill_done("p0", 0, started=0.0, now=0.0)
+    m.prefill_done("p0", 500, started=0.0, now=0.00001)       # no measurable busy time yet: no rate
+    assert m.prefill_rate("p0") is None
+    m.prefill_done("p0", 500, started=0.0, now=1.0)            # 500 tokens in ~1 s
+    m.prefill_done("p0", 500, started=0.0, now=1.0005)         # chunked prefill: done in the same step
+    # the worker did 1500 tokens in ~1 s of busy time; a mean of per-prompt rates would say ~500,000 tokens/s
+    assert 1000 <= m.prefill_rate("p0") <= 3000
+
+
 def test_time_per_token_grows_with_the_batch():
     m = LatencyModel(alpha=1.0, fixed_cost_seqs=4.0)
     m.token_gap("d0", 0.040, batch=4)
