@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import f32_config, forward_logits
+from tp_helpers import f32_config, forward_logits
 from splitserve.engine.layer_parallel import ParallelPair, layer_parallel_transform, pair_layers
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.sampling_params import SamplingParams

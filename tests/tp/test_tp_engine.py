@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import PROMPTS, f32_config, teacher_forced_logits
+from tp_helpers import PROMPTS, f32_config, teacher_forced_logits
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.tp_engine import TPEngine, TPRankError
 

@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from conftest import forward_logits
+from tp_helpers import forward_logits
 from splitserve.engine import dist as tp_dist
 from splitserve.engine import tp
 from splitserve.engine.kv_layout import kv_head_range
