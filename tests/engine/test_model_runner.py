@@ -1,4 +1,4 @@
-"""Model-runner helpers: the KV cache it allocates and the greedy argmax it samples with."""
+"""Model-runner helpers: the KV cache layout it allocates and the greedy argmax it samples with."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from splitserve.engine.kv_layout import KVLayout
 def test_kv_cache_is_the_layouts_zeros():
     layout = KVLayout(num_layers=2, num_blocks=300, block_size=16, num_kv_heads=3, head_dim=64,
                       dtype=torch.bfloat16, total_kv_heads=3, tp_rank=0, tp_size=1)
-    kv = model_runner._allocate_kv(layout, torch.device("cpu"))
+    kv = layout.allocate(torch.device("cpu"))
     assert kv.shape == layout.shape and kv.dtype == torch.bfloat16 and kv.is_contiguous()
     assert not kv.any()
 
