@@ -5,7 +5,13 @@ One tensor per worker (per tensor-parallel rank) holds every layer's pages:
     kv_cache: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]      (index 0 = K, 1 = V)
 
 `kv_cache[layer]` is that layer's `[2, num_blocks, block_size, num_kv_heads, head_dim]` view, and one *page* is
-`kv_cache[layer, :, block_id]`: K and V of `block_size` consecutive token positions. Token position `p` of a
+`kv_cache[layer, :, block_id]`: K and V of `block_size` consecutive token positions.
+
+In memory K and V of a page sit side by side: the storage is `[num_layers, num_blocks, 2, block_size, heads,
+head_dim]` and `kv_cache` is its permuted view (so `kv_cache[layer]` has strides `(page/2, page, ...)`; every
+kernel addresses it through its strides). `pair_view(kv_cache, layer)` is the storage order of one layer,
+`[num_blocks, 2, ...]`: a run of consecutive blocks is one contiguous tensor, so kv_transfer sends one message
+per run, not a K and a V message. Token position `p` of a
 sequence lives in block `block_table[p // block_size]` at offset `p % block_size`; the flat *slot* of that
 position is `block_table[p // block_size] * block_size + p % block_size`.
 
@@ -61,15 +67,27 @@ class KVLayout:
         rank = self.tp_rank if rank is None else rank
         return kv_head_range(self.total_kv_heads, self.tp_size, rank)
 
+    @property
+    def storage_shape(self) -> tuple[int, ...]:
+        """The order in memory: K and V of a page adjacent (see the module docstring)."""
+        return (self.num_layers, self.num_blocks, 2, self.block_size, self.num_kv_heads, self.head_dim)
+
     def allocate(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """A zeroed KV cache. On CPU it is backed by transparent huge pages where the OS allows them (madvise
-        mode): each decode step reads every layer's KV pages from L3 or memory, and 2 MiB pages spare most of the
-        TLB misses (decode attention over 30 layers 5-8% faster at batch 32-128)."""
+        """A zeroed KV cache, as the `shape` view of `storage_shape` memory. On CPU it is backed by transparent
+        huge pages where the OS allows them (madvise mode): each decode step reads every layer's KV pages from L3
+        or memory, and 2 MiB pages spare most of the TLB misses (decode attention over 30 layers 5-8% faster at
+        batch 32-128)."""
         if torch.device(device).type != "cpu":
-            return torch.zeros(self.shape, dtype=self.dtype, device=device)
-        kv = torch.empty(self.shape, dtype=self.dtype, device=device)
+            return torch.zeros(self.storage_shape, dtype=self.dtype, device=device).transpose(1, 2)
+        kv = torch.empty(self.storage_shape, dtype=self.dtype, device=device)
         _advise_huge_pages(kv)
-        return kv.zero_()               # the first touch faults the pages in, huge where the advice took
+        return kv.zero_().transpose(1, 2)   # the first touch faults the pages in, huge where the advice took
+
+
+def pair_view(kv_cache: torch.Tensor, layer: int) -> torch.Tensor:
+    """Layer `layer` of a KV cache in storage order, `[num_blocks, 2, block_size, heads, head_dim]`: a slice of
+    consecutive blocks is contiguous (K and V of each page side by side) when the cache came from `allocate`."""
+    return kv_cache[layer].transpose(0, 1)
 
 
 def kv_head_range(total_kv_heads: int, tp_size: int, rank: int) -> range:

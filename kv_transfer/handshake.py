@@ -9,6 +9,9 @@ from splitserve.proto.v1 import kv_transfer_pb2 as pb
 
 # Fields that must agree for pages to be interchangeable (tp_size/tp_rank may differ: heads are resharded).
 COMPARED_FIELDS = ("model_id", "dtype", "num_layers", "block_size", "total_kv_heads", "head_dim")
+# The page wire format, part of the fingerprint: "pairs" = one [count, 2, ...] payload per run (K and V of a page
+# side by side); peers of a version that sent K and V separately are refused at the handshake.
+PAGE_FORMAT = "pairs"
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -22,7 +25,7 @@ def layout_info(layout: KVLayout, model_id: str) -> pb.KVLayoutInfo:
         total_kv_heads=layout.total_kv_heads, head_dim=layout.head_dim, tp_size=layout.tp_size,
         tp_rank=layout.tp_rank,
         fingerprint=fingerprint(model_id, dtype, layout.num_layers, layout.block_size, layout.total_kv_heads,
-                                layout.head_dim),
+                                layout.head_dim, PAGE_FORMAT),
     )
 
 

@@ -61,8 +61,8 @@ class _Stream:
         if end == first:
             return
         logical = self.rx.needed[first:end]
-        k, v = pages.gather(self.tx.kv, layer, [self.tx.src[i] for i in logical], self.src_heads)
-        pages.scatter(self.rx.kv, layer, [self.rx.table[i] for i in logical], self.dst_heads, k, v)
+        data = pages.gather(self.tx.kv, layer, [self.tx.src[i] for i in logical], self.src_heads)
+        pages.scatter(self.rx.kv, layer, [self.rx.table[i] for i in logical], self.dst_heads, data)
         self.sent[layer] = end
         self.rx.on_pages(layer)
 

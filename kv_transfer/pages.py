@@ -1,8 +1,9 @@
 """Moving pages in and out of the KV tensor: gather on the sender, scatter on the receiver, and which pages are ready.
 
-One page = `kv_cache[layer, :, block_id]` (see engine/kv_layout.py). A message carries K and V of `count` pages
-of one layer, each as a contiguous `[count, block_size, heads, head_dim]` tensor. When the source blocks form one
-contiguous run and every local head is sent, the message is a view of the KV tensor itself (no copy).
+One page = `kv_cache[layer, :, block_id]` (see engine/kv_layout.py), stored with its K and V side by side. A message
+carries `count` pages of one layer as one contiguous `[count, 2, block_size, heads, head_dim]` tensor (the
+layer's `pair_view` order). When the blocks form one contiguous run and every local head is sent, the message is
+a view of the KV tensor itself (no copy), on both ends.
 """
 
 from __future__ import annotations
@@ -12,31 +13,35 @@ import math
 
 import torch
 
+from splitserve.engine.kv_layout import pair_view
+
 
 def is_run(block_ids: list[int]) -> bool:
     return all(b == block_ids[0] + i for i, b in enumerate(block_ids))
 
 
-def gather(kv_cache: torch.Tensor, layer: int, block_ids: list[int], heads: slice) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of `block_ids` (local head slice `heads`) as contiguous tensors; views when possible."""
-    full_heads = heads.start == 0 and heads.stop == kv_cache.shape[4]
-    out = []
-    for kv in (0, 1):
-        plane = kv_cache[layer, kv]
-        if full_heads and is_run(block_ids):
-            out.append(plane[block_ids[0]:block_ids[0] + len(block_ids)])
-        else:
-            idx = torch.tensor(block_ids, dtype=torch.long, device=kv_cache.device)
-            out.append(plane[:, :, heads].index_select(0, idx).contiguous())
-    return out[0], out[1]
+def run_view(kv_cache: torch.Tensor, layer: int, start: int, count: int) -> torch.Tensor | None:
+    """Blocks [start, start + count) of `layer`, every local head, as a view; None if it is not contiguous
+    (a cache not laid out by `KVLayout.allocate`)."""
+    view = pair_view(kv_cache, layer)[start:start + count]
+    return view if view.is_contiguous() else None
 
 
-def scatter(kv_cache: torch.Tensor, layer: int, block_ids: list[int], heads: slice,
-            k: torch.Tensor, v: torch.Tensor) -> None:
-    """Write received K and V of `block_ids` into the local head slice `heads`."""
+def gather(kv_cache: torch.Tensor, layer: int, block_ids: list[int], heads: slice) -> torch.Tensor:
+    """K and V of `block_ids` (local head slice `heads`) as one contiguous `[n, 2, bs, heads, D]` tensor; a view
+    when possible."""
+    if heads.start == 0 and heads.stop == kv_cache.shape[4] and is_run(block_ids):
+        view = run_view(kv_cache, layer, block_ids[0], len(block_ids))
+        if view is not None:
+            return view
     idx = torch.tensor(block_ids, dtype=torch.long, device=kv_cache.device)
-    for kv, src in ((0, k), (1, v)):
-        kv_cache[layer, kv][:, :, heads].index_copy_(0, idx, src)
+    return pair_view(kv_cache, layer)[:, :, :, heads].index_select(0, idx).contiguous()
+
+
+def scatter(kv_cache: torch.Tensor, layer: int, block_ids: list[int], heads: slice, pages: torch.Tensor) -> None:
+    """Write received `[n, 2, bs, heads, D]` pages into `block_ids`' local head slice `heads`."""
+    idx = torch.tensor(block_ids, dtype=torch.long, device=kv_cache.device)
+    pair_view(kv_cache, layer)[:, :, :, heads].index_copy_(0, idx, pages)
 
 
 def ready_blocks(num_tokens: int, tokens_ready: int, block_size: int) -> int:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from splitserve.engine.kv_layout import KVLayout
+from splitserve.engine.kv_layout import KVLayout, pair_view
 from splitserve.proto.v1 import kv_transfer_pb2 as pb
 
 from .block_pool import BlockPool
@@ -62,6 +62,17 @@ class RankContext:
     pool: BlockPool
     grace_s: float       # how much longer than a transfer's deadline its page stream may stay open
     parked: deque = field(default_factory=deque)   # blocks released off the owner's thread, freed by drain()
+    # each layer in storage order (`pair_view`), built once: a page run is then one slice; None when the KV
+    # tensor is not laid out by KVLayout.allocate (runs are then gathered and scattered by copy)
+    pairs: list[torch.Tensor] | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        views = [pair_view(self.kv, layer) for layer in range(self.layout.num_layers)]
+        self.pairs = views if all(v.is_contiguous() for v in views) else None
+
+    def run_view(self, layer: int, start: int, count: int) -> torch.Tensor | None:
+        """Pages [start, start + count) of `layer`, every local head, as one contiguous view (or None)."""
+        return None if self.pairs is None else self.pairs[layer][start:start + count]
 
     def drain(self) -> None:
         """Owner's thread: free blocks whose release was parked by a background thread."""

@@ -2,7 +2,7 @@
 
     ends are registered per transfer; a stream is open once the sender accepted
     while any stream is open: receive a header (deadline = the latest open stream's wire deadline), post every
-    K/V receive it announces at once, plus the next header's when more is certain; contiguous destination runs
+    page-run receive it announces at once, plus the next header's when more is certain; contiguous destination runs
     land in place, the rest in staging; a staged run is handed over as it lands (delivery: scatter, bookkeeping),
     runs landing in place are handed over with the next staged run or the batch's last: receives complete in
     order, so the thread sleeps once per batch, not once per message
@@ -32,17 +32,16 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class RecvTarget:
-    """Where one run's K and V are received: views of the KV tensor (in place) or staging tensors."""
+    """Where one run's pages (K and V side by side) are received: a view of the KV tensor (in place) or a
+    staging tensor."""
 
-    k: torch.Tensor
-    v: torch.Tensor
+    data: torch.Tensor
     in_place: bool = False
     discard: bool = False    # received only to keep the stream in step
 
 
 def discard_target(run: pb.KVPageRun, device: torch.device) -> RecvTarget:
-    return RecvTarget(*(torch.empty(run.payload_bytes, dtype=torch.uint8, device=device) for _ in range(2)),
-                      discard=True)
+    return RecvTarget(torch.empty(run.payload_bytes, dtype=torch.uint8, device=device), discard=True)
 
 
 class RecvEnd(Protocol):
@@ -186,8 +185,7 @@ class RecvLink(Link):
             with self._cv:
                 end = self._ends.get(key)
             target = end.targets(run) if end is not None else discard_target(run, self.device)
-            posted.append((key, end, run, target, [self.group.recv([target.k], 0, 0),
-                                                   self.group.recv([target.v], 0, 0)]))
+            posted.append((key, end, run, target, [self.group.recv([target.data], 0, 0)]))
             counts[key] = counts.get(key, 0) + run.count
         with self._cv:
             # every open stream ends with its last page or an ABORT: pages left after this batch mean more comes

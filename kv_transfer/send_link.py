@@ -1,8 +1,11 @@
 """The sending end of a pair link: one thread drains a queue of page jobs onto the pair group, in order.
 
     queue: Form(gen) | Pages | Abort
-    Pages jobs already queued are batched into one header frame: make() gathers each run's K,V (None = its
-    transfer ended), then header + every K,V are sent; 2 batches stay in flight, so gathering overlaps the wire.
+    Pages jobs already queued are batched into one header frame: make() gathers each run's pages (None = its
+    transfer ended), then header + every run are sent; 2 batches stay in flight, so gathering overlaps the wire.
+    A batch onto an idle link holds 2 runs, and each next one up to twice the runs in flight: the wire starts
+    moving after two runs' worth of work on each side, and the receiver posts the next batch's receives while
+    the current one is on the wire (Gloo moves a message only once its receive is posted).
     Any send error breaks the link: the jobs in flight fail, and the next handshake forms a fresh group.
 """
 
@@ -24,6 +27,7 @@ from .links import STOP, AbortJob, FormJob, Link, PagesJob, short_error, stream_
 log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 2          # batches whose sends are posted but not yet confirmed
+FIRST_BATCH = 2            # runs in a batch onto an idle link
 
 
 class SendLink(Link):
@@ -69,7 +73,8 @@ class SendLink(Link):
                     return
                 with stream_ctx(self.stream):
                     if isinstance(job, PagesJob):
-                        jobs, carry = self._batch(job)
+                        in_flight_runs = sum(len(js) for _, _, js in in_flight)
+                        jobs, carry = self._batch(job, max(FIRST_BATCH, 2 * in_flight_runs))
                         self._send_pages(jobs, in_flight)
                     else:
                         jobs = [job]
@@ -78,11 +83,11 @@ class SendLink(Link):
             except Exception as e:   # noqa: BLE001 - any transport error breaks the link, never the thread
                 self._break(short_error(e), in_flight, jobs)
 
-    def _batch(self, first: PagesJob) -> tuple[list[PagesJob], object | None]:
-        """`first` plus the page jobs already queued behind it: when the link is the bottleneck, batches grow
-        and the receiver posts more receives at once."""
+    def _batch(self, first: PagesJob, limit: int) -> tuple[list[PagesJob], object | None]:
+        """`first` plus up to `limit` - 1 page jobs already queued behind it: when the link is the bottleneck,
+        batches grow and the receiver posts more receives at once."""
         jobs, size = [first], first.size_bound
-        while len(jobs) < wire.MAX_RUNS:
+        while len(jobs) < min(limit, wire.MAX_RUNS):
             try:
                 nxt = self._queue.get_nowait()
             except queue.Empty:
@@ -103,9 +108,9 @@ class SendLink(Link):
         for j in jobs:
             payload = j.make(self.stream)
             if payload is not None:
-                run, k, v = payload
+                run, data = payload
                 header.runs.append(run)
-                tensors += [k, v]
+                tensors.append(data)
         if header.runs:
             frame = wire.encode_header(header, self.device)
             works = [self.group.send([t], 1, 0) for t in [frame, *tensors]]

@@ -197,16 +197,16 @@ class TorchDistReceiver(KVReceiver):
                 p.announced[run.layer] += run.count
             elif not self.life.terminal:
                 self.life.fail(error)
-            shape = (run.count, layout.block_size, run.num_heads, layout.head_dim)
+            shape = (run.count, 2, layout.block_size, run.num_heads, layout.head_dim)
             if error is not None or self.life.terminal:
                 return discard_target(run, self.ctx.kv.device)
             ids = self._dst_ids[run.first:run.first + run.count]
             if p.full_heads and (self._one_run or pages.is_run(ids)):
-                self._writing += 1
-                kv, start = self.ctx.kv, ids[0]
-                return RecvTarget(kv[run.layer, 0, start:start + run.count],
-                                  kv[run.layer, 1, start:start + run.count], in_place=True)
-            return RecvTarget(*(torch.empty(shape, dtype=layout.dtype, device=self.ctx.kv.device) for _ in range(2)))
+                view = self.ctx.run_view(run.layer, ids[0], run.count)
+                if view is not None:
+                    self._writing += 1
+                    return RecvTarget(view, in_place=True)
+            return RecvTarget(torch.empty(shape, dtype=layout.dtype, device=self.ctx.kv.device))
 
     def _check_run(self, p: _PullIn, run: pb.KVPageRun) -> str | None:
         layout = self.ctx.layout
@@ -215,7 +215,7 @@ class TorchDistReceiver(KVReceiver):
         if run.first != p.announced[run.layer] or run.first + run.count > len(self.needed):
             return (f"layer {run.layer}: pages [{run.first}, {run.first + run.count}) announced, expected from "
                     f"{p.announced[run.layer]} of {len(self.needed)}")
-        expect = run.count * layout.block_size * p.pull.num_heads * layout.head_dim * self.ctx.kv.element_size()
+        expect = 2 * run.count * layout.block_size * p.pull.num_heads * layout.head_dim * self.ctx.kv.element_size()
         if run.num_heads != p.pull.num_heads or run.payload_bytes != expect:
             return f"page run of {run.payload_bytes} bytes / {run.num_heads} heads, expected {expect} / {p.pull.num_heads}"
         return None
@@ -240,7 +240,7 @@ class TorchDistReceiver(KVReceiver):
             self._writing += scatter
         if scatter:
             ids = self._dst_ids[run.first:run.first + run.count]
-            pages.scatter(self.ctx.kv, run.layer, ids, p.heads, target.k, target.v)
+            pages.scatter(self.ctx.kv, run.layer, ids, p.heads, target.data)
             pages.synchronize(self.ctx.kv.device)
         with self.life.lock:
             self._writes_ended(int(scatter) + int(target.in_place))

@@ -125,21 +125,20 @@ class TorchDistSender(KVSender):
                                    on_sent=functools.partial(self.ctx.control.heat, p.ack_watch) if last else None))
 
     def _payload(self, p: _PullOut, layer: int, first: int, count: int, stream: object | None):
-        """Link thread: K and V of the pages, or None once the transfer ended (its ABORT follows). The gather
+        """Link thread: the pages (K and V side by side), or None once the transfer ended (its ABORT follows). The gather
         runs outside the lock: it only reads, and blocks freed meanwhile belong to a transfer that failed."""
         with self.life.lock:
             if self.life.terminal:
                 return None
             p.committed += count               # from here on these pages are on the wire (or the link breaks)
         self._fences.wait(layer, stream)
-        if p.run_start is not None:            # one run of blocks, every local head: views, no copy
-            start = p.run_start + first
-            k, v = self.ctx.kv[layer, 0, start:start + count], self.ctx.kv[layer, 1, start:start + count]
-        else:
-            k, v = pages.gather(self.ctx.kv, layer, p.src_ids[first:first + count], p.heads)
+        view = None
+        if p.run_start is not None:            # one run of blocks, every local head: a view, no copy
+            view = self.ctx.run_view(layer, p.run_start + first, count)
+        data = view if view is not None else pages.gather(self.ctx.kv, layer, p.src_ids[first:first + count], p.heads)
         run = pb.KVPageRun(request_id=self.spec.request_id, attempt=self.spec.attempt, layer=layer, first=first,
-                           count=count, num_heads=p.pull.num_heads, payload_bytes=k.numel() * k.element_size())
-        return run, k, v
+                           count=count, num_heads=p.pull.num_heads, payload_bytes=data.numel() * data.element_size())
+        return run, data
 
     # --- control thread -------------------------------------------------------------------------------------
 

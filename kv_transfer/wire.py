@@ -1,7 +1,8 @@
-"""The page-stream framing on a pair link: a fixed-size header frame, then K and V of each announced run.
+"""The page-stream framing on a pair link: a fixed-size header frame, then the pages of each announced run.
 
     [u16 little-endian length][KVPageHeader protobuf][zero padding]   (uint8 tensor on the KV device)
-    K(run 0) V(run 0) K(run 1) V(run 1) ...                           (raw tensors, sizes from the header)
+    run 0  run 1 ...         (one raw [count, 2, block_size, heads, head_dim] tensor each, K and V of a page
+                              side by side as in the KV cache's storage; sizes from the header)
 
 A fixed size lets the receiver post the header receive before knowing anything, and the header lists every
 payload of the batch, so the receiver posts all their receives at once: the transport never waits for it

@@ -4,7 +4,8 @@ Decode on CPU runs the native kernel (`cpu_decode.cpp`, built on first use) when
 `decode_reference`, which is also the oracle for that kernel. `rope_store_decode_op` gives the model the native op
 that also does the rotary embedding and the KV store of a decode step in the same call.
 
-kv_layer is one layer's `[2, num_blocks, block_size, num_kv_heads, head_dim]` view of the KV cache.
+kv_layer is one layer's `[2, num_blocks, block_size, num_kv_heads, head_dim]` view of the KV cache (strided: K and
+V of a page are adjacent in memory, see engine/kv_layout.py).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from .metadata import AttentionMetadata
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """k, v: [num_tokens, num_kv_heads, head_dim] written to their slots."""
-    flat = kv_layer.view(2, -1, kv_layer.shape[-2], kv_layer.shape[-1])
-    flat[0].index_copy_(0, slot_mapping, k.to(flat.dtype))
-    flat[1].index_copy_(0, slot_mapping, v.to(flat.dtype))
+    """k, v: [num_tokens, num_kv_heads, head_dim] written to their slots (kv_layer may be any strided view)."""
+    block_size = kv_layer.shape[2]
+    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+    kv_layer[0].index_put_((blocks, offsets), k.to(kv_layer.dtype))
+    kv_layer[1].index_put_((blocks, offsets), v.to(kv_layer.dtype))
 
 
 def _gather(kv_layer: torch.Tensor, block_table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:

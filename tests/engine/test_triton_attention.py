@@ -286,6 +286,33 @@ def test_triton_backend_store_then_attend(query_lens, context_lens):
                    ref.paged_attention(b.q, kv_ref, b.meta, b.scale))
 
 
+@pytest.mark.parametrize("query_lens,context_lens", [([1, 1, 1], [1, 17, 40]), ([1, 9], [33, 20])],
+                         ids=["decode", "mixed"])
+def test_backends_on_the_layouts_pair_storage(query_lens, context_lens):
+    """A layer of a cache from `KVLayout.allocate` (K and V of a page adjacent: block stride twice the K/V stride)
+    gives what the same pages in a plain contiguous layer give, through both backends' store and attention."""
+    from splitserve.engine.kv_layout import KVLayout
+
+    b = make_batch(query_lens, context_lens, 9, 3, 64, 16, torch.float32, seed=13)
+    layout = KVLayout(num_layers=2, num_blocks=b.kv_layer.shape[1], block_size=16, num_kv_heads=3, head_dim=64,
+                      dtype=torch.float32)
+    cache = layout.allocate(DEVICE)
+    paired = cache[1]
+    paired.copy_(b.kv_layer)
+    assert paired.stride(1) == 2 * paired.stride(0) and not paired.is_contiguous()
+    gen = torch.Generator().manual_seed(14)
+    k, v = (torch.randn(sum(query_lens), 3, 64, generator=gen).to(DEVICE) for _ in range(2))
+    expected = b.kv_layer.clone()
+    torch_ref.store_kv(k, v, expected, b.meta.slot_mapping)
+    reference = torch_ref.paged_attention(b.q, expected, b.meta, b.scale)
+    for name in ("torch", "triton"):
+        backend = backend_mod.get_attention_backend(name, DEVICE)
+        paired.copy_(b.kv_layer)
+        backend.store_kv(k, v, paired, b.meta.slot_mapping)
+        assert torch.equal(paired, expected) and not cache[0].any(), name
+        assert_matches(backend.paged_attention(b.q, paired, b.meta, b.scale), reference)
+
+
 # ---------------------------------------------------------------------------------------------------- GPU
 
 _COMPILE_FOR_CUDA = """

@@ -19,7 +19,8 @@ LAYOUT = KVLayout(num_layers=3, num_blocks=32, block_size=4, num_kv_heads=2, hea
 class Side:
     def __init__(self, store: TCPStore, worker: str, timeout_s: float = 5.0) -> None:
         self.pool = SimpleBlockPool(LAYOUT.num_blocks)
-        self.kv = torch.randn(LAYOUT.shape)
+        self.kv = LAYOUT.allocate()
+        self.kv.copy_(torch.randn(LAYOUT.shape))
         self.backend = create_backend(KVTransferConfig(backend="torch_dist", worker_id=worker, model_id="m",
                                                        store_port=store.port, timeout_s=timeout_s,
                                                        connect_timeout_s=3.0), self.pool)

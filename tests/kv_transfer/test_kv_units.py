@@ -91,15 +91,34 @@ def test_ready_blocks_holds_back_the_partial_block_until_the_sequence_is_done():
 
 
 def test_gather_is_a_view_for_contiguous_blocks_and_a_copy_otherwise():
-    kv = torch.randn(2, 2, 10, 4, 3, 8)
-    k, v = pages.gather(kv, 1, [4, 5, 6], slice(0, 3))
-    assert k.data_ptr() == kv[1, 0, 4].data_ptr() and k.is_contiguous()
-    k2, v2 = pages.gather(kv, 1, [6, 2], slice(1, 2))
-    assert k2.is_contiguous() and torch.equal(k2, kv[1, 0, [6, 2]][:, :, 1:2])
-    out = torch.zeros_like(kv)
-    pages.scatter(out, 1, [0, 9], slice(1, 2), k2, v2)
+    layout = KVLayout(num_layers=2, num_blocks=10, block_size=4, num_kv_heads=3, head_dim=8, dtype=torch.float32)
+    kv = layout.allocate()
+    kv.copy_(torch.randn(layout.shape))
+    run = pages.gather(kv, 1, [4, 5, 6], slice(0, 3))               # one run, every head: K and V in one view
+    assert run.shape == (3, 2, 4, 3, 8) and run.is_contiguous() and run.data_ptr() == kv[1, 0, 4].data_ptr()
+    assert torch.equal(run[:, 0], kv[1, 0, 4:7]) and torch.equal(run[:, 1], kv[1, 1, 4:7])
+    part = pages.gather(kv, 1, [6, 2], slice(1, 2))
+    assert part.is_contiguous() and torch.equal(part, kv[1][:, [6, 2]][:, :, :, 1:2].transpose(0, 1))
+    out = layout.allocate()
+    pages.scatter(out, 1, [0, 9], slice(1, 2), part)
     assert torch.equal(out[1, :, [0, 9]][..., 1:2, :], kv[1, :, [6, 2]][..., 1:2, :])
-    assert out[1, :, [0, 9]][..., 0, :].abs().sum() == 0
+    assert out[1, :, [0, 9]][..., 0, :].abs().sum() == 0 and out[0].abs().sum() == 0
+
+
+def test_a_cache_not_laid_out_by_the_layout_still_gathers_by_copy():
+    kv = torch.randn(2, 2, 10, 4, 3, 8)                             # plain [L, 2, N, ...] memory: no pair runs
+    assert pages.run_view(kv, 1, 4, 3) is None
+    run = pages.gather(kv, 1, [4, 5, 6], slice(0, 3))
+    assert torch.equal(run, kv[1, :, 4:7].transpose(0, 1))
+
+
+def test_allocated_cache_keeps_the_logical_shape_with_k_and_v_of_a_page_adjacent():
+    layout = KVLayout(num_layers=3, num_blocks=5, block_size=4, num_kv_heads=2, head_dim=8, dtype=torch.bfloat16)
+    kv = layout.allocate()
+    assert tuple(kv.shape) == layout.shape and kv.abs().sum() == 0
+    page = layout.block_size * layout.num_kv_heads * layout.head_dim
+    assert kv[1].stride()[:2] == (page, 2 * page)                   # V right after K, then the next block
+    assert kv[1, 1, 2].data_ptr() - kv[1, 0, 2].data_ptr() == page * kv.element_size()
 
 
 def test_layer_streamer_fans_out_with_each_requests_progress():
