@@ -22,6 +22,7 @@ class EngineConfig:
     kv_cache_memory_gb: float = 1.0
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 1024   # per-step token budget (chunked prefill + decodes)
+    max_prefill_tokens_with_decodes: int = 0   # prompt tokens of a step that also decodes; 0 = no cap
     max_model_len: int = 0               # 0 = the model's context length
     attention_backend: str = "auto"      # torch | triton | auto
     tp: int = 1
@@ -39,6 +40,9 @@ class EngineConfig:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "tp"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not isinstance(self.max_prefill_tokens_with_decodes, int) or self.max_prefill_tokens_with_decodes < 0:
+            raise ValueError("max_prefill_tokens_with_decodes must be an integer >= 0 (0 = no cap), got "
+                             f"{self.max_prefill_tokens_with_decodes!r}")
         if self.num_kv_blocks < 0 or self.max_model_len < 0 or self.kv_cache_memory_gb <= 0:
             raise ValueError("num_kv_blocks and max_model_len must be >= 0 and kv_cache_memory_gb > 0")
         if self.layer_parallel is not None:

@@ -65,7 +65,8 @@ class LLMEngine:
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
                             max_model_len=self.runner.max_model_len, eos_token_ids=tuple(sorted(eos)),
-                            reserve_full_prompt=reserve_full_prompt),
+                            reserve_full_prompt=reserve_full_prompt,
+                            max_prefill_tokens_with_decodes=config.max_prefill_tokens_with_decodes),
             self.block_manager)
         self._seqs: dict[str, Sequence] = {}
         self._detok: dict[str, Detokenizer] = {}

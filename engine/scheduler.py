@@ -6,7 +6,10 @@
 
 Each step has a token budget. Running sequences go first (decodes take 1 token, unfinished prefills take the next
 chunk), so decoding never stalls behind a long prompt; then waiting sequences are admitted, their prompts cut into
-chunks that fit what is left of the budget. When a running sequence needs a block and none is free, the most
+chunks that fit what is left of the budget. `max_prefill_tokens_with_decodes` caps the prompt tokens of a step
+that also decodes (a decode or colocated worker): every decoding stream waits for the step, so a long chunk is an
+inter-token stall for all of them; urgent sequences (recoveries) are exempt. When a running sequence needs a
+block and none is free, the most
 recently admitted sequence is preempted: its blocks are freed and it goes back to the front of the queue, to be
 recomputed (its prefix cache entries usually make that cheap).
 """
@@ -27,11 +30,15 @@ class SchedulerConfig:
     max_model_len: int = 8192
     eos_token_ids: tuple[int, ...] = ()
     reserve_full_prompt: bool = False   # prefill workers: a sequence's blocks exist from admission (KV streaming)
+    max_prefill_tokens_with_decodes: int = 0   # prompt tokens of a step that also decodes; 0 = no cap
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_prefill_tokens_with_decodes < 0:
+            raise ValueError("max_prefill_tokens_with_decodes must be >= 0 (0 = no cap), got "
+                             f"{self.max_prefill_tokens_with_decodes}")
 
 
 @dataclass(slots=True)
@@ -101,10 +108,17 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         preempted = False
         self._admit_urgent()
+        prompt_budget = self._prompt_budget()
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_uncomputed_tokens, budget)
+            if seq.num_uncomputed_tokens > 1 and not seq.urgent:        # a prompt chunk, not a decode
+                n = min(n, prompt_budget)
+                if n == 0:
+                    i += 1
+                    continue
+                prompt_budget -= n
             while not self.blocks.allocate(seq, n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -118,14 +132,26 @@ class Scheduler:
                 i += 1
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            n = self._take_waiting(budget)
+            capped = not seq.urgent
+            if capped and prompt_budget == 0:
+                break
+            n = self._take_waiting(min(budget, prompt_budget) if capped else budget)
             if n is None:
                 break
             self.running.append(seq)
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
             budget -= n
+            prompt_budget -= n if capped else 0
         return batch
+
+    def _prompt_budget(self) -> int:
+        """Prompt tokens this step may compute for non-urgent sequences: the cap when some running sequence
+        decodes, else unlimited (the step budget still applies)."""
+        cap = self.config.max_prefill_tokens_with_decodes
+        if cap and any(seq.num_uncomputed_tokens == 1 and seq.num_output_tokens for seq in self.running):
+            return cap
+        return self.config.max_num_batched_tokens
 
     def add_urgent(self, seq: Sequence) -> None:
         """Queue `seq` ahead of everything waiting except earlier urgent ones; schedule() then admits it ahead of

@@ -49,6 +49,10 @@ def register(sub) -> None:
                    help="tokens one engine step may compute (the chunked-prefill budget, default 512). A request "
                         "recovered after a worker died waits for the prefill step in progress, so on CPU, where a "
                         "512-token step takes seconds, 128-256 keeps recovery stalls short")
+    p.add_argument("--max-prefill-tokens-with-decodes", type=int, default=0, metavar="N",
+                   help="prompt tokens a step may compute while the worker also decodes (decode workers' own "
+                        "prompts, colocated workers); smaller keeps inter-token stalls short, larger prefills "
+                        "sooner. 0 (default) = up to --max-num-batched-tokens")
     p.add_argument("--kv-transfer", default="torch_dist", choices=["torch_dist", "local", "fake"])
     p.add_argument("--drain-deadline", type=float, default=30.0)
     p.add_argument("--heartbeat-timeout", type=float, default=10.0,
@@ -82,7 +86,8 @@ def engine_config_from(args):
     return EngineConfig(model=args.model, device=args.device, dtype=args.dtype, tp=args.tp,
                         layer_parallel=parse_layer_range(args.layer_parallel), max_model_len=args.max_model_len,
                         kv_cache_memory_gb=args.kv_cache_gb, attention_backend=args.attention_backend,
-                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                        max_prefill_tokens_with_decodes=args.max_prefill_tokens_with_decodes)
 
 
 def run(args: argparse.Namespace) -> int:
