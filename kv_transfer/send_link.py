@@ -3,9 +3,6 @@
     queue: Form(gen) | Pages | Abort
     Pages jobs already queued are batched into one header frame: make() gathers each run's pages (None = its
     transfer ended), then header + every run are sent; 2 batches stay in flight, so gathering overlaps the wire.
-    A batch onto an idle link holds 2 runs, and each next one up to twice the runs in flight: the wire starts
-    moving after two runs' worth of work on each side, and the receiver posts the next batch's receives while
-    the current one is on the wire (Gloo moves a message only once its receive is posted).
     Any send error breaks the link: the jobs in flight fail, and the next handshake forms a fresh group.
 """
 
@@ -27,7 +24,6 @@ from .links import STOP, AbortJob, FormJob, Link, PagesJob, short_error, stream_
 log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 2          # batches whose sends are posted but not yet confirmed
-FIRST_BATCH = 2            # runs in a batch onto an idle link
 
 
 class SendLink(Link):
@@ -73,8 +69,7 @@ class SendLink(Link):
                     return
                 with stream_ctx(self.stream):
                     if isinstance(job, PagesJob):
-                        in_flight_runs = sum(len(js) for _, _, js in in_flight)
-                        jobs, carry = self._batch(job, max(FIRST_BATCH, 2 * in_flight_runs))
+                        jobs, carry = self._batch(job)
                         self._send_pages(jobs, in_flight)
                     else:
                         jobs = [job]
@@ -83,11 +78,11 @@ class SendLink(Link):
             except Exception as e:   # noqa: BLE001 - any transport error breaks the link, never the thread
                 self._break(short_error(e), in_flight, jobs)
 
-    def _batch(self, first: PagesJob, limit: int) -> tuple[list[PagesJob], object | None]:
-        """`first` plus up to `limit` - 1 page jobs already queued behind it: when the link is the bottleneck,
-        batches grow and the receiver posts more receives at once."""
+    def _batch(self, first: PagesJob) -> tuple[list[PagesJob], object | None]:
+        """`first` plus the page jobs already queued behind it: when the link is the bottleneck, batches grow
+        and the receiver posts more receives at once."""
         jobs, size = [first], first.size_bound
-        while len(jobs) < min(limit, wire.MAX_RUNS):
+        while len(jobs) < wire.MAX_RUNS:
             try:
                 nxt = self._queue.get_nowait()
             except queue.Empty:

@@ -33,8 +33,10 @@ def requests_mix():
 
 
 # 1P+2D also runs conditional disaggregation at its most eager (any prefill queue lends a prompt to an idle decode
-# worker): outputs must not depend on where a prompt was prefilled
-@pytest.fixture(scope="module", params=[(1, 1, ()), (1, 2, ("--local-prefill-backlog-ms", "0"))],
+# worker), with lent prompts computed 16 tokens per step beside decodes: outputs must not depend on where, or in
+# how many pieces, a prompt was prefilled
+@pytest.fixture(scope="module", params=[(1, 1, ()), (1, 2, ("--local-prefill-backlog-ms", "0",
+                                                              "--max-prefill-tokens-with-decodes", "16"))],
                 ids=["1P+1D", "1P+2D"])
 def server(request):
     prefill, decode, extra = request.param
