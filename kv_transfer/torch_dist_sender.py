@@ -125,8 +125,9 @@ class TorchDistSender(KVSender):
                                    on_sent=functools.partial(self.ctx.control.heat, p.ack_watch) if last else None))
 
     def _payload(self, p: _PullOut, layer: int, first: int, count: int, stream: object | None):
-        """Link thread: the pages (K and V side by side), or None once the transfer ended (its ABORT follows). The gather
-        runs outside the lock: it only reads, and blocks freed meanwhile belong to a transfer that failed."""
+        """Link thread: the pages (K and V side by side), or None once the transfer ended (its ABORT follows).
+        The gather runs outside the lock: it only reads, and blocks freed meanwhile belong to a transfer that
+        failed."""
         with self.life.lock:
             if self.life.terminal:
                 return None
