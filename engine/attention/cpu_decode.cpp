@@ -9,6 +9,8 @@
 //   block_tables int32 [B, max_blocks];  context_lens int32 [B]
 //   returns      [B, num_heads, D] in q's dtype
 //
+// bfloat16 runs on AMX tiles where the CPU has them (cpu_decode_amx.cpp; `tiles=False` forces the AVX-512 path).
+//
 // rope_store_decode does a decode step's whole attention block between the two projections in one call: it takes
 // the fused [B, (H + 2 Hkv) * D] qkv projection, applies the rotary embedding to the q and k heads, stores k and v
 // in their KV-cache slots, and runs the decode attention above; it returns [B, H * D], the o projection's input.
@@ -31,6 +33,17 @@
 #include <immintrin.h>
 #endif
 #include <limits>
+#include <type_traits>
+
+#include "cpu_vec.h"
+
+namespace splitserve_amx {   // cpu_decode_amx.cpp
+bool usable();
+void paged_decode_bf16(const uint16_t* q, uint16_t* out, const uint16_t* kv, int64_t kv_stride,
+                       const int32_t* tables, int64_t table_stride, const int32_t* lens, int64_t begin, int64_t end,
+                       int64_t block_size, int64_t block_stride, int64_t token_stride, int64_t head_stride, int H,
+                       int Hkv, int D, float scale);
+}  // namespace splitserve_amx
 
 namespace {
 
@@ -146,6 +159,8 @@ void decode_sequence(const T* q, T* out, const T* k_cache, int64_t kv_stride, co
 // bfloat16 rows are widened with a shift and a mask, which puts even and odd elements in separate registers
 // ("even/odd order"); q and the accumulators are kept in that order too, and the output is written back in order.
 constexpr int kChunk = 16;
+using splitserve_vec::exp_ps;
+using splitserve_vec::round_to_bfloat16_high;
 alignas(64) const unsigned char kZeroRow[128 * sizeof(float)] = {};   // stands in for the missing tokens of a chunk
 
 template <int D>
@@ -164,14 +179,6 @@ inline void load_row(const c10::BFloat16* src, __m512* r) {   // even/odd order:
 template <int D>
 inline void store_row(const __m512* r, float scale, float* dst) {
   for (int j = 0; j < D / 16; ++j) _mm512_storeu_ps(dst + 16 * j, _mm512_mul_ps(r[j], _mm512_set1_ps(scale)));
-}
-// bfloat16 rounding as c10::BFloat16(float): to nearest even, NaN -> 0x7fc0; the bfloat16 ends up in the high half
-inline __m512i round_to_bfloat16_high(__m512 x) {
-  const __m512i u = _mm512_castps_si512(x);
-  const __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)),
-                                        _mm512_set1_epi32(0x7fff));
-  const __m512i r = _mm512_and_si512(_mm512_add_epi32(u, bias), _mm512_set1_epi32(static_cast<int>(0xffff0000u)));
-  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc00000));
 }
 template <int D>
 inline void store_row(const __m512* r, float scale, c10::BFloat16* dst) {   // from even/odd order
@@ -269,24 +276,6 @@ inline void chunk_scores(const QueryRows<T, D>& q, int h0, const T* k, int64_t t
   quad(8, x);
   quad(12, y);
   for (int g = 0; g < NG; ++g) s[g] = fold<8>(s[g], fold<4>(x[g], y[g]));
-}
-
-// exp(x), ~1 ulp (SLEEF's expf_u10 polynomial): x = n ln2 + r with |r| <= ln2/2, e^r by a polynomial, times 2^n
-// by scalef, which also rounds results below FLT_MIN correctly and flushes them to 0 past -104 (-inf included).
-inline __m512 exp_ps(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-104.f), x);   // NaN stays NaN (vmaxps returns its second operand)
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.442695040888963f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);   // ln2 in two parts, the first exact
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-  __m512 u = _mm512_set1_ps(0.000198527617612853646278381f);
-  u = _mm512_fmadd_ps(u, r, _mm512_set1_ps(0.00139304355252534151077271f));
-  u = _mm512_fmadd_ps(u, r, _mm512_set1_ps(0.00833336077630519866943359f));
-  u = _mm512_fmadd_ps(u, r, _mm512_set1_ps(0.0416664853692054748535156f));
-  u = _mm512_fmadd_ps(u, r, _mm512_set1_ps(0.166666671633720397949219f));
-  u = _mm512_fmadd_ps(u, r, _mm512_set1_ps(0.5f));
-  u = _mm512_add_ps(_mm512_set1_ps(1.f), _mm512_fmadd_ps(_mm512_mul_ps(r, r), u, r));
-  return _mm512_scalef_ps(u, n);
 }
 
 // acc[g] = acc[g] * corr[g] + sum_t p[g][t] v[t] for NG query heads of one KV head over a chunk's n tokens.
@@ -393,7 +382,7 @@ void decode_sequence_avx512(const T* q, T* out, const T* k_cache, int64_t kv_str
 
 template <typename T, int D>
 void run(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tables, const at::Tensor& lens,
-         at::Tensor& out, double scale) {
+         at::Tensor& out, double scale, bool tiles) {
   const int64_t B = q.size(0), H = q.size(1), Hkv = kv.size(3), block_size = kv.size(2);
   const T* qp = q.data_ptr<T>();
   T* op = out.data_ptr<T>();
@@ -402,6 +391,18 @@ void run(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tables, co
   const int64_t head_stride = kv.stride(3), table_stride = tables.stride(0);
   const int32_t* tp = tables.data_ptr<int32_t>();
   const int32_t* lp = lens.data_ptr<int32_t>();
+  // bfloat16 on AMX tiles (cpu_decode_amx.cpp) where the CPU has them: 16-token tiles must not straddle pages
+  if (std::is_same_v<T, c10::BFloat16> && tiles && block_size % 16 == 0 && H / Hkv <= 16 &&
+      splitserve_amx::usable()) {
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      splitserve_amx::paged_decode_bf16(
+          reinterpret_cast<const uint16_t*>(qp), reinterpret_cast<uint16_t*>(op),
+          reinterpret_cast<const uint16_t*>(kp), kv_stride, tp, table_stride, lp, begin, end, block_size,
+          block_stride, token_stride, head_stride, static_cast<int>(H), static_cast<int>(Hkv), D,
+          static_cast<float>(scale));
+    });
+    return;
+  }
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b)
       DECODE_SEQUENCE<T, D>(qp + b * H * D, op + b * H * D, kp, kv_stride, tp + b * table_stride, lp[b],
@@ -411,7 +412,7 @@ void run(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tables, co
 }
 
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tables,
-                        const at::Tensor& lens, double scale) {
+                        const at::Tensor& lens, double scale, bool tiles) {
   TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q must be a contiguous [B, H, D] tensor");
   TORCH_CHECK(kv.dim() == 5 && kv.size(0) == 2 && kv.stride(4) == 1, "kv_layer must be [2, N, bs, Hkv, D]");
   TORCH_CHECK(kv.scalar_type() == q.scalar_type(), "q and kv_layer must have the same dtype");
@@ -424,12 +425,12 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& kv, const at::Ten
   at::Tensor out = at::empty_like(q);
   const int64_t D = q.size(2);
   if (q.scalar_type() == at::kFloat) {
-    if (D == 64) run<float, 64>(q, kv, tables, lens, out, scale);
-    else if (D == 128) run<float, 128>(q, kv, tables, lens, out, scale);
+    if (D == 64) run<float, 64>(q, kv, tables, lens, out, scale, tiles);
+    else if (D == 128) run<float, 128>(q, kv, tables, lens, out, scale, tiles);
     else TORCH_CHECK(false, "head_dim must be 64 or 128");
   } else if (q.scalar_type() == at::kBFloat16) {
-    if (D == 64) run<c10::BFloat16, 64>(q, kv, tables, lens, out, scale);
-    else if (D == 128) run<c10::BFloat16, 128>(q, kv, tables, lens, out, scale);
+    if (D == 64) run<c10::BFloat16, 64>(q, kv, tables, lens, out, scale, tiles);
+    else if (D == 128) run<c10::BFloat16, 128>(q, kv, tables, lens, out, scale, tiles);
     else TORCH_CHECK(false, "head_dim must be 64 or 128");
   } else {
     TORCH_CHECK(false, "dtype must be float32 or bfloat16");
@@ -530,13 +531,14 @@ at::Tensor rope_store_decode(const at::Tensor& qkv, const at::Tensor& cos, const
   } else {
     TORCH_CHECK(false, "dtype must be float32 or bfloat16");
   }
-  return paged_decode(q, kv, tables, lens, scale).view({T_, H * D});
+  return paged_decode(q, kv, tables, lens, scale, /*tiles=*/true).view({T_, H * D});
 }
 
 }  // namespace
 
 TORCH_LIBRARY(splitserve_cpu, m) {
-  m.def("paged_decode(Tensor q, Tensor kv_layer, Tensor block_tables, Tensor context_lens, float scale) -> Tensor");
+  m.def("paged_decode(Tensor q, Tensor kv_layer, Tensor block_tables, Tensor context_lens, float scale, "
+        "bool tiles=True) -> Tensor");
   m.def("rope_store_decode(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) kv_layer, Tensor slot_mapping, "
         "Tensor block_tables, Tensor context_lens, int num_heads, float scale) -> Tensor");
 }

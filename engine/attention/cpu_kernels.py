@@ -2,8 +2,11 @@
 
   attention/cpu_decode.cpp  paged_decode: decode attention read straight from the KV pages (float32, bfloat16);
                             rope_store_decode: rotary + KV-cache store + paged_decode in one call
+  attention/cpu_decode_amx.cpp  paged_decode's bfloat16 path on AMX tiles, where the CPU has them
+  attention/cpu_vec.h       AVX-512 helpers both attention files share (exp, bfloat16 rounding)
   models/cpu_layers.cpp     rms_norm, add_rms_norm, silu_mul: fused bfloat16 elementwise layers;
                             argmax_rows: greedy sampling's argmax (float32, bfloat16)
+  models/cpu_layers_f32.cpp rms_norm_f32 (+ residual add), silu_mul_f32: float32 layers, bit-identical to ATen's
 
 `native_ops()` returns the `torch.ops.splitserve_cpu` namespace, or None when no C++ compiler is available or the
 build fails; callers then keep their pure-torch path. The build (~30-60 s, once per machine, torch version and
@@ -25,7 +28,9 @@ from splitserve.settings import settings
 
 log = logging.getLogger(__name__)
 _ENGINE = Path(__file__).resolve().parent.parent
-SOURCES = (_ENGINE / "attention" / "cpu_decode.cpp", _ENGINE / "models" / "cpu_layers.cpp")
+SOURCES = (_ENGINE / "attention" / "cpu_decode.cpp", _ENGINE / "attention" / "cpu_decode_amx.cpp",
+           _ENGINE / "models" / "cpu_layers.cpp", _ENGINE / "models" / "cpu_layers_f32.cpp")
+HEADERS = (_ENGINE / "attention" / "cpu_vec.h",)      # part of the cache key, not compiled on their own
 # -ffp-contract=off: no implicit fused multiply-adds, so the float32 rotary rounds exactly as ATen's (and HF's)
 # separate multiplies and add; where the kernels want an FMA they ask for it with an intrinsic
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
@@ -51,7 +56,7 @@ def _build():
     if hasattr(torch.ops.splitserve_cpu, "rope_store_decode"):
         return torch.ops.splitserve_cpu
     try:
-        key = b"".join(p.read_bytes() for p in SOURCES) + torch.__version__.encode() \
+        key = b"".join(p.read_bytes() for p in SOURCES + HEADERS) + torch.__version__.encode() \
             + torch.backends.cpu.get_cpu_capability().encode() + " ".join(CFLAGS).encode()
         name = f"splitserve_cpu_{hashlib.blake2b(key, digest_size=6).hexdigest()}"
         library = Path(settings.cache_dir) / "kernels" / f"{name}.so"

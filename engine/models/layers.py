@@ -13,8 +13,17 @@ from ..attention.cpu_kernels import native_ops
 
 def fused_bf16_ops(x: torch.Tensor):
     """The native fused layers (`cpu_layers.cpp`) for bfloat16 CPU tensors, when they could be built; else None.
-    float32 always takes the ATen formulas: it is the dtype that must match HF exactly."""
+    float32 must match HF exactly: it takes the ATen formulas, or in the decode plan (`kernels`, `act_kernel`)
+    native ops that give the same bits (`_f32_ops`)."""
     if x.dtype != torch.bfloat16 or x.device.type != "cpu":
+        return None
+    return native_ops()
+
+
+def _f32_ops(x: torch.Tensor):
+    """The native float32 layers (`cpu_layers_f32.cpp`: the ATen formulas bit for bit, fewer passes) for float32
+    CPU tensors, when they could be built; else None."""
+    if x.dtype != torch.float32 or x.device.type != "cpu":
         return None
     return native_ops()
 
@@ -43,6 +52,10 @@ class RMSNorm(nn.Module):
         if (ops := fused_bf16_ops(w)) is not None:
             norm, add_norm = ops.rms_norm.default, ops.add_rms_norm.default
             return (lambda x: norm(x, w, eps)), (lambda x, delta: add_norm(x, delta, w, eps))
+        if (ops := _f32_ops(w)) is not None:
+            # F.rms_norm bit for bit, the residual add folded in, with two passes over x instead of five
+            f32_norm = ops.rms_norm_f32.default
+            return (lambda x: f32_norm(x, None, w, eps)), (lambda x, delta: f32_norm(x, delta, w, eps))
         return (lambda x: _aten_rms_norm(x, w, eps)), (lambda x, delta: _aten_rms_norm(x.add_(delta), w, eps))
 
 
@@ -122,6 +135,8 @@ class SwiGLU(nn.Module):
         """silu(gate) * up of the gate_up projection's output, for activations of `like`'s dtype and device."""
         if (ops := fused_bf16_ops(like)) is not None:
             return ops.silu_mul.default
+        if (ops := _f32_ops(like)) is not None and torch.backends.cpu.get_cpu_capability() == "AVX512":
+            return ops.silu_mul_f32.default     # ATen's formula bit for bit, with the exp its AVX-512 kernel uses
         n = self.intermediate
 
         def aten_act(gate_up: torch.Tensor) -> torch.Tensor:

@@ -75,6 +75,22 @@ class DecoderLayer(nn.Module):
         return x.add_(self.mlp(h))
 
 
+class _ViewCache:
+    """The per-layer views of one KV cache tensor. A copied or pickled model starts empty (never a copy of the
+    cache tensor)."""
+
+    __slots__ = ("kv", "ids", "views")
+
+    def __init__(self) -> None:
+        self.kv, self.ids, self.views = None, (), []
+
+    def __deepcopy__(self, memo: dict) -> "_ViewCache":
+        return _ViewCache()
+
+    def __reduce__(self):
+        return (_ViewCache, ())
+
+
 class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -87,6 +103,7 @@ class LlamaForCausalLM(nn.Module):
         # decode steps without the module dispatch (models/decode_plan.py); the model runner sets it once the
         # model is final (transformed, packed): it binds the weights as they are then (a deepcopy has none)
         self.decode_plan = None
+        self._kv_views = _ViewCache()          # per-layer views of the last forward's KV cache
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -95,17 +112,25 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """Returns final hidden states [T, hidden]; `compute_logits` turns the rows you need into logits."""
         x = self.embed_tokens(input_ids)
-        kv = ctx.kv_cache
-        kv_layers = [kv[i] if isinstance(i, int) else kv[i[0]:i[-1] + 1] for i in self.kv_layer_ids]
+        kv_layers = self._kv_layers(ctx.kv_cache)
         if self.decode_plan is not None and (y := self.decode_plan.run(self.layers, x, positions, self.rotary,
                                                                        kv_layers, self.kv_layer_ids, ctx)) is not None:
-            return self.norm(y)
+            return y                    # the plan ends with the final norm
         for layer, kv_id, kv_layer in zip(self.layers, self.kv_layer_ids, kv_layers):
             x = layer(x, positions, self.rotary, kv_layer, ctx)
             if ctx.on_layer_done is not None:
                 for done in (kv_id,) if isinstance(kv_id, int) else kv_id:
                     ctx.on_layer_done(done)
         return self.norm(x)
+
+    def _kv_layers(self, kv: torch.Tensor) -> list[torch.Tensor]:
+        """The views of `kv` each module in self.layers writes, made once per cache (30 indexing ops a step)."""
+        ids = tuple(i if isinstance(i, int) else tuple(i) for i in self.kv_layer_ids)
+        cache = self._kv_views
+        if cache.kv is not kv or cache.ids != ids:
+            cache.views = [kv[i] if isinstance(i, int) else kv[i[0]:i[-1] + 1] for i in self.kv_layer_ids]
+            cache.kv, cache.ids = kv, ids
+        return cache.views
 
     def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
         """Logits of `hidden`'s rows, in float32 (upcast=False: in the model dtype, e.g. for a greedy argmax,

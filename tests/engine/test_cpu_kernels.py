@@ -187,3 +187,78 @@ def test_argmax_rows_equals_torch_argmax(dtype, vocab):
         logits[4, -1] = logits[4].max() + 1                        # the maximum in the scalar tail
         logits[5, 0] = logits[5].max()                             # tied with a later maximum
     assert torch.equal(ops.argmax_rows(logits), logits.argmax(dim=-1))
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,lens,block_size,q_scale", [
+    (9, 3, 64, [1, 15, 16, 17, 31, 32, 33, 120], 16, 1.0),   # SmolLM2's shape; 16- and 32-token tile edges
+    (9, 3, 64, [7, 40, 100], 32, 1.0),                        # two 16-token tiles per page
+    (32, 8, 128, [50, 129], 16, 1.0),                         # 32 heads: two score tiles of 16, head_dim 128
+    (12, 2, 64, [90, 33], 48, 1.0),                           # 6 query heads per KV head, 3 tiles per page
+    (16, 1, 64, [2, 500], 16, 1.0),                           # 16 query heads on one KV head
+    (9, 3, 64, [1, 77, 300], 64, 20.0),                       # peaked softmax
+])
+def test_paged_decode_tiles_and_vectors_agree(heads, kv_heads, head_dim, lens, block_size, q_scale):
+    """bfloat16 runs on AMX tiles where the CPU has them (`tiles=True`, the default; elsewhere it is the AVX-512
+    kernel as with `tiles=False`): both within bfloat16 rounding of a float32 reference, on a [2, blocks, ...]
+    cache and on the engine's page-pair memory (K and V of a page side by side, the same view)."""
+    q, kv, meta = _paged_case(torch.bfloat16, lens, heads, kv_heads, head_dim, block_size)
+    q = (q.float() * q_scale).to(torch.bfloat16)
+    scale = head_dim ** -0.5
+    expected = torch_ref.decode_reference(q.float(), kv.float(), meta, scale)
+    paired = kv.transpose(0, 1).contiguous().transpose(0, 1)
+    for cache in (kv, paired):
+        for tiles in (True, False):
+            got = ops.paged_decode(q, cache, meta.block_tables, meta.context_lens_t, scale, tiles)
+            torch.testing.assert_close(got.float(), expected, atol=2e-2, rtol=2e-2)
+
+
+def test_paged_decode_tiles_never_use_rows_past_the_context():
+    """The tile kernel works on whole 16-token tiles: a page's tail past the context (NaN here) must neither be
+    read nor reach the output (a partial last K tile is copied into a zero-padded buffer, V rows are skipped)."""
+    q, kv, meta = _paged_case(torch.bfloat16, [1, 7, 17, 40], 9, 3, 64)
+    expected = ops.paged_decode(q, kv, meta.block_tables, meta.context_lens_t, 0.125)
+    poisoned = torch.where(kv == POISON, torch.full_like(kv, float("nan")), kv)
+    got = ops.paged_decode(q, poisoned, meta.block_tables, meta.context_lens_t, 0.125)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("rows,dim,scale", [(1, 576, 1.0), (32, 576, 1e-3), (128, 576, 30.0), (5, 17, 1.0),
+                                            (3, 2048, 1e4)])
+def test_rms_norm_f32_is_f_rms_norm_bit_for_bit(rows, dim, scale):
+    """float32 must match HF exactly: the same result as F.rms_norm, and with a delta the same as x += delta
+    first (x is updated in place)."""
+    g = torch.Generator().manual_seed(rows * dim)
+    x = torch.randn(rows, dim, generator=g) * scale
+    delta = torch.randn(rows, dim, generator=g) * scale
+    weight = torch.randn(dim, generator=g)
+    assert torch.equal(ops.rms_norm_f32(x.clone(), None, weight, 1e-5), F.rms_norm(x, (dim,), weight, 1e-5))
+    expected_x = x.clone().add_(delta)
+    expected = F.rms_norm(expected_x, (dim,), weight, 1e-6)
+    got = ops.rms_norm_f32(x, delta, weight, 1e-6)
+    assert torch.equal(x, expected_x) and torch.equal(got, expected)
+
+
+def test_rms_norm_f32_bad_inputs_raise():
+    x, w = torch.randn(4, 8), torch.randn(8)
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.rms_norm_f32(x.bfloat16(), None, w, 1e-5)
+    with pytest.raises(RuntimeError, match="weight"):
+        ops.rms_norm_f32(x, None, torch.randn(7), 1e-5)
+    with pytest.raises(RuntimeError, match="delta"):
+        ops.rms_norm_f32(x, torch.randn(4, 7), w, 1e-5)
+
+
+@pytest.mark.parametrize("rows,n", [(1, 1536), (32, 1536), (128, 1536), (3, 17), (2, 48), (5, 100)])
+def test_silu_mul_f32_is_the_aten_formula_bit_for_bit(rows, n):
+    """32-element steps and a scalar tail, as ATen's vectorized loop (n = 17, 48, 100 have tails)."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip("the model uses silu_mul_f32 only where ATen runs its AVX-512 kernels")
+    g = torch.Generator().manual_seed(rows * n)
+    for scale in (1e-3, 1.0, 30.0):
+        gate_up = torch.randn(rows, 2 * n, generator=g) * scale
+        gate, up = gate_up.split(n, dim=-1)
+        assert torch.equal(ops.silu_mul_f32(gate_up), F.silu(gate) * up)
+    special = torch.tensor([float("inf"), -float("inf"), float("nan"), 100.0, -100.0, 0.0, -0.0, 1e-40] * 8)
+    gate_up = torch.cat([special, special.flip(0)]).view(1, -1)
+    gate, up = gate_up.split(64, dim=-1)
+    torch.testing.assert_close(ops.silu_mul_f32(gate_up), F.silu(gate) * up, rtol=0, atol=0, equal_nan=True)

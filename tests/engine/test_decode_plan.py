@@ -112,3 +112,20 @@ def test_copies_and_rewritten_models_run_their_modules():
         got = _step(paired, torch.zeros(shape), [3, 20])
         expected = _step(plain, torch.zeros(shape), [3, 20])
     assert torch.equal(got, expected)
+
+
+def test_kv_views_follow_the_cache_and_are_not_copied():
+    """The model keeps its per-layer views of the last KV cache it ran on: another cache gets its own views, and
+    a copy or pickle of the model never carries the cache tensor along."""
+    import copy
+    import pickle
+
+    model = _model(torch.float32)
+    a, b = (torch.zeros(CFG.num_hidden_layers, 2, 4, BLOCK, CFG.num_key_value_heads, CFG.head_dim)
+            for _ in range(2))
+    views = model._kv_layers(a)
+    assert [v.data_ptr() for v in views] == [a[i].data_ptr() for i in range(CFG.num_hidden_layers)]
+    assert model._kv_layers(a) is views
+    assert [v.data_ptr() for v in model._kv_layers(b)] == [b[i].data_ptr() for i in range(CFG.num_hidden_layers)]
+    assert copy.deepcopy(model)._kv_views.kv is None
+    assert pickle.loads(pickle.dumps(model._kv_views)).kv is None
