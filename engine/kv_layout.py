@@ -11,9 +11,10 @@ In memory K and V of a page sit side by side: the storage is `[num_layers, num_b
 head_dim]` and `kv_cache` is its permuted view (so `kv_cache[layer]` has strides `(page/2, page, ...)`; every
 kernel addresses it through its strides). `pair_view(kv_cache, layer)` is the storage order of one layer,
 `[num_blocks, 2, ...]`: a run of consecutive blocks is one contiguous tensor, so kv_transfer sends one message
-per run, not a K and a V message. Token position `p` of a
-sequence lives in block `block_table[p // block_size]` at offset `p % block_size`; the flat *slot* of that
-position is `block_table[p // block_size] * block_size + p % block_size`.
+per run, not a K and a V message.
+
+Token position `p` of a sequence lives in block `block_table[p // block_size]` at offset `p % block_size`; the
+flat *slot* of that position is `block_table[p // block_size] * block_size + p % block_size`.
 
 Under tensor parallelism each rank holds `num_kv_heads / tp` heads (or all of them, replicated, when there are
 fewer KV heads than ranks); `KVLayout.kv_head_range(rank)` says which global heads a rank holds.

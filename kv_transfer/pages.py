@@ -1,8 +1,8 @@
 """Moving pages in and out of the KV tensor: gather on the sender, scatter on the receiver, and which pages are ready.
 
-One page = `kv_cache[layer, :, block_id]` (see engine/kv_layout.py), stored with its K and V side by side. A message
-carries `count` pages of one layer as one contiguous `[count, 2, block_size, heads, head_dim]` tensor (the
-layer's `pair_view` order). When the blocks form one contiguous run and every local head is sent, the message is
+One page = `kv_cache[layer, :, block_id]` (see engine/kv_layout.py), stored with its K and V side by side. A
+message carries `count` pages of one layer as one contiguous `[count, 2, block_size, heads, head_dim]` tensor
+(the layer's `pair_view` order). When the blocks form one contiguous run and every local head is sent, the message is
 a view of the KV tensor itself (no copy), on both ends.
 """
 

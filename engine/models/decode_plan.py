@@ -6,7 +6,8 @@ checks) than the op itself, ~3 ms of a 36 ms bfloat16 step at batch 8 for SmolLM
 layer's weights and kernels once (the modules' own `kernels`, `act_kernel`, `linear_kernel`) and runs the same
 ops, with the same roundings, in a plain loop:
 
-    h = add_and_norm(x, d);  o = rope_store_decode(qkv(h), ...);  h = add_and_norm(x, o_proj(o));  d = down(act(gate_up(h)))
+    h = add_and_norm(x, d);  o = rope_store_decode(qkv(h), ...)
+    h = add_and_norm(x, o_proj(o));  d = down(act(gate_up(h)))
 
 Each layer's MLP output `d` is added to the residual stream by the next norm's fused add + norm (the first layer
 only normalizes; the model's final norm adds the last one): one pass over x per layer less than a separate add,
