@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 _SHORT = 4                 # id windows up to this long are memoized by Tokenizer.decode
-_SHORT_LIMIT = 1 << 18     # entries kept before the memo starts over
+_SHORT_LIMIT = 1 << 16     # entries kept before the memo starts over (~10 MB at most)
 
 
 class Tokenizer:
