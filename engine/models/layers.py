@@ -11,21 +11,22 @@ from torch import nn
 from ..attention.cpu_kernels import native_ops
 
 
+def _native_layers(x: torch.Tensor, dtype: torch.dtype):
+    """The native layer ops when `x` is a CPU tensor of `dtype` and they could be built; else None."""
+    return native_ops() if x.dtype == dtype and x.device.type == "cpu" else None
+
+
 def fused_bf16_ops(x: torch.Tensor):
     """The native fused layers (`cpu_layers.cpp`) for bfloat16 CPU tensors, when they could be built; else None.
     float32 must match HF exactly: it takes the ATen formulas, or in the decode plan (`kernels`, `act_kernel`)
     native ops that give the same bits (`_f32_ops`)."""
-    if x.dtype != torch.bfloat16 or x.device.type != "cpu":
-        return None
-    return native_ops()
+    return _native_layers(x, torch.bfloat16)
 
 
 def _f32_ops(x: torch.Tensor):
     """The native float32 layers (`cpu_layers_f32.cpp`: the ATen formulas bit for bit, fewer passes) for float32
     CPU tensors, when they could be built; else None."""
-    if x.dtype != torch.float32 or x.device.type != "cpu":
-        return None
-    return native_ops()
+    return _native_layers(x, torch.float32)
 
 
 class RMSNorm(nn.Module):
