@@ -36,7 +36,7 @@ from pathlib import Path
 import httpx
 
 from .serve_load import Progress, WorkloadConfig, WordTokens, default_tokenizer_dir, make_dataset, run_load
-from .serve_report import format_run, markdown_table, plot, summarize
+from .serve_report import format_run, markdown_table, plot, slo_grid_table, summarize
 
 
 @dataclass(slots=True)
@@ -159,12 +159,14 @@ def bench_target(target: Target, args, workload: WorkloadConfig, words: WordToke
             raise RuntimeError(f"every warm-up request failed: {warm[0].error}")
     before = placement_counts(target.base_url, args.api_key)
     for i, rate in enumerate(rates):
-        specs = make_dataset(replace(workload, seed=workload.seed + i), words)
+        # the same lengths and the same arrival pattern at every rate (only its time scale changes), words of
+        # its own: rates differ in load alone, and no rate hits the prefix cache of another
+        specs = make_dataset(workload, words, prompt_seed=i)
         load = os.getloadavg()[0]
         label = f"{target.label} @ {rate:g} req/s"
         _log(f"{label}: {len(specs)} requests (load average {load:.2f} on {os.cpu_count()} cores) ...")
         results, duration = asyncio.run(run_load(
-            target.base_url, model, specs, request_rate=rate, seed=workload.seed + i, **common,
+            target.base_url, model, specs, request_rate=rate, seed=workload.seed, **common,
             progress=Progress(label, len(specs), enabled=not args.quiet)))
         summary = summarize(results, duration, args.ttft_slo_ms, args.tpot_slo_ms)
         placed = placement_counts(target.base_url, args.api_key)
@@ -223,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ttft-slo-ms", type=float, default=None, help="goodput: TTFT target")
     p.add_argument("--tpot-slo-ms", type=float, default=None, help="goodput: TPOT target")
+    p.add_argument("--tpot-slo-grid", default=None, metavar="MS,MS,...",
+                   help="also tabulate goodput for these TPOT targets, at the rate where --baseline breaks each")
+    p.add_argument("--baseline", default=None, help="the --launch label the SLO grid compares against")
     p.add_argument("--no-ignore-eos", action="store_true", help="send neither ignore_eos nor min_tokens")
     p.add_argument("--warmup", type=int, default=2, help="requests sent one by one before measuring (not counted)")
     p.add_argument("--request-timeout", type=float, default=600.0)
@@ -234,6 +239,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the results as one JSON document on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
+
+
+def _grid(args, labels: list[str]) -> list[float]:
+    """--tpot-slo-grid as numbers, checked against --baseline before anything is launched."""
+    if args.tpot_slo_grid is None:
+        return []
+    try:
+        grid = [float(x) for x in args.tpot_slo_grid.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--tpot-slo-grid must be comma-separated milliseconds, got {args.tpot_slo_grid!r}") from None
+    if not grid or any(x <= 0 for x in grid):
+        raise ValueError(f"--tpot-slo-grid needs positive milliseconds, got {args.tpot_slo_grid!r}")
+    if args.baseline not in labels:
+        raise ValueError(f"--tpot-slo-grid needs --baseline, one of the configs: {', '.join(labels)}")
+    return grid
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -248,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
     launches = [LaunchSpec.parse(t) for t in args.launch]
+    grid = _grid(args, [s.label for s in launches] or [args.base_url])
     targets = [Target(s.label, "", ServerProcess(s, args.log_dir, args.launch_timeout)) for s in launches] or [
         Target(args.base_url, args.base_url)]
 
@@ -286,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
                         for t in targets]}), indent=2))
     elif runs:
         print(markdown_table(runs))
+    if grid and runs:
+        print("\n" + slo_grid_table(runs, args.ttft_slo_ms, grid, args.baseline),
+              file=sys.stderr if args.json else sys.stdout)
     return 1 if any(t.problem for t in targets) else 0
 
 

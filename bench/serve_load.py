@@ -113,10 +113,14 @@ def _lengths(rng: random.Random, mean: int, frac: float, n: int) -> list[int]:
     return [rng.randint(low, high) for _ in range(n)]
 
 
-def make_dataset(config: WorkloadConfig, words: WordTokens) -> list[RequestSpec]:
+def make_dataset(config: WorkloadConfig, words: WordTokens, prompt_seed: int | None = None) -> list[RequestSpec]:
+    """`config.seed` draws the lengths (and, unless `prompt_seed` is given, the words too); a sweep passes
+    one `prompt_seed` per rate, so every rate gets the same lengths with words of its own."""
     rng = random.Random(config.seed)
     inputs = _lengths(rng, config.input_len, config.input_len_range, config.num_prompts)
     outputs = _lengths(rng, config.output_len, config.output_len_range, config.num_prompts)
+    if prompt_seed is not None:
+        rng = random.Random(f"{config.seed}/prompts/{prompt_seed}")
     overhead = words.chat_overhead() if config.endpoint == "chat" else 0
     specs = []
     for n_in, n_out in zip(inputs, outputs):

@@ -6,6 +6,10 @@
     E2EL   send -> end of stream
     goodput  requests/s that met every SLO given (TTFT <= --ttft-slo-ms and TPOT <= --tpot-slo-ms)
 
+`slo_grid_table` recomputes goodput from the kept per-request records for several TPOT targets at once (the
+"SLO scale" view of DistServe): for each target, the rate at which the baseline config's p99 TPOT first breaks
+it, and every config's goodput there as a multiple of the baseline's.
+
 Throughputs divide by the run's wall time (first send to last byte). Failed requests count in `failed` and
 their first distinct errors are kept; they are in no latency and no throughput.
 """
@@ -64,7 +68,53 @@ def summarize(results: list[RequestResult], duration: float, ttft_slo_ms: float 
         "goodput": good / duration if has_slo else None,
         "slo_attainment": good / len(results) if has_slo and results else None,
         "errors": [{"count": n, "error": e} for e, n in errors.most_common(5)],
+        "requests": [{"ok": r.ok, "start_s": r.start, "prompt_tokens": r.prompt_tokens,
+                      "output_tokens": r.output_tokens, "ttft_ms": r.ttft * 1000, "tpot_ms": tpot(r) * 1000,
+                      "e2el_ms": r.latency * 1000} for r in results],
     }
+
+
+def goodput_at(s: dict, ttft_slo_ms: float | None, tpot_slo_ms: float | None) -> float:
+    """A summarized run's goodput (req/s) for other targets, from its per-request records."""
+    good = sum(r["ok"] and (ttft_slo_ms is None or r["ttft_ms"] <= ttft_slo_ms)
+               and (tpot_slo_ms is None or r["tpot_ms"] <= tpot_slo_ms) for r in s["requests"])
+    return good / s["duration_s"]
+
+
+def _p99_tpot(s: dict) -> float:
+    tpots = [r["tpot_ms"] for r in s["requests"] if r["ok"] and r["output_tokens"] > 1]
+    return float(np.percentile(tpots, 99)) if tpots else math.nan
+
+
+def slo_grid_table(runs: list[dict], ttft_slo_ms: float | None, tpot_slos: list[float], baseline: str) -> str:
+    """One row per TPOT target: the lowest swept rate at which `baseline`'s p99 TPOT breaks it, and at that rate
+    every config's p99 TPOT and goodput (TTFT target `ttft_slo_ms` as well), with its multiple of the baseline's."""
+    labels = list(dict.fromkeys(r["label"] for r in runs))
+    if baseline not in labels:
+        raise ValueError(f"--baseline {baseline!r} is not one of the configs run ({', '.join(labels)})")
+    by = {(r["label"], r["rate"]): r["summary"] for r in runs}
+    rates = sorted({r["rate"] for r in runs if r["label"] == baseline})
+    head = ["TPOT target (ms)", f"{baseline} breaks at (req/s)"] + [
+        f"{label}: p99 TPOT (ms), goodput (req/s)" + ("" if label == baseline else f", x {baseline}")
+        for label in labels]
+    rows = [head, ["---"] * len(head)]
+    for slo in tpot_slos:
+        broke = next((rate for rate in rates if _p99_tpot(by[(baseline, rate)]) > slo), None)
+        if broke is None:
+            rows.append([f"{slo:g}", "never (in the swept rates)"] + ["-"] * len(labels))
+            continue
+        base = goodput_at(by[(baseline, broke)], ttft_slo_ms, slo)
+        cells = []
+        for label in labels:
+            s = by.get((label, broke))
+            if s is None:
+                cells.append("not run")
+                continue
+            g = goodput_at(s, ttft_slo_ms, slo)
+            ratio = "" if label == baseline else (f", {g / base:.2f}x" if base > 0 else ", inf")
+            cells.append(f"{_p99_tpot(s):.0f}, {g:.3f}{ratio}")
+        rows.append([f"{slo:g}", f"{broke:g}"] + cells)
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
 def _num(x, fmt: str = "{:.1f}") -> str:

@@ -15,8 +15,10 @@ def test_short_real_run_against_a_launched_embedded_server(capsys, tmp_path):
     code = serve_bench.main([
         "--launch", "embedded:--embedded --dtype float32 --kv-cache-gb 0.1", "--log-dir", str(tmp_path),
         "--num-prompts", "3", "--input-len", "24", "--output-len", "4", "--request-rate", "inf", "--warmup", "1",
-        "--ttft-slo-ms", "60000", "--tpot-slo-ms", "60000", "--quiet", "--json"])
-    report = json.loads(capsys.readouterr().out)
+        "--ttft-slo-ms", "60000", "--tpot-slo-ms", "60000", "--quiet", "--json",
+        "--tpot-slo-grid", "0.001,60000", "--baseline", "embedded"])
+    out = capsys.readouterr()
+    report = json.loads(out.out)
     assert code == 0, report["targets"]
     (run,) = report["runs"]
     s = run["summary"]
@@ -26,8 +28,18 @@ def test_short_real_run_against_a_launched_embedded_server(capsys, tmp_path):
     assert s["total_input_tokens"] == 3 * 24                    # the server's own count of the token-id prompts
     assert 0 < s["ttft_ms"]["p50"] <= s["e2el_ms"]["p50"]
     assert s["goodput"] == pytest.approx(s["request_throughput"])
+    assert len(s["requests"]) == 3 and all(r["ok"] and r["output_tokens"] == 4 for r in s["requests"])
+    # the SLO grid (on stderr with --json): a 1 us TPOT target breaks at once, 60 s never does
+    assert "| 0.001 | inf | " in out.err and "| 60000 | never" in out.err
     (target,) = report["targets"]
     assert target["returncode"] == 0 and target["problem"] is None
+
+
+def test_slo_grid_needs_a_baseline_that_is_launched():
+    with pytest.raises(ValueError, match="--baseline"):
+        serve_bench.main(["--launch", "a:--embedded", "--tpot-slo-grid", "50", "--baseline", "b"])
+    with pytest.raises(ValueError, match="--tpot-slo-grid"):
+        serve_bench.main(["--launch", "a:--embedded", "--tpot-slo-grid", "fast", "--baseline", "a"])
 
 
 def test_launch_specs_and_rates_parse():

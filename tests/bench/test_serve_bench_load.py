@@ -31,6 +31,22 @@ def test_arrivals_are_seeded_and_inf_sends_everything_at_once():
         arrival_times(5, 0.0, seed=1)
 
 
+def test_a_sweep_scales_one_arrival_pattern():
+    """Every rate of a sweep replays the same seeded gaps on its own time scale (common random numbers)."""
+    slow, fast = arrival_times(40, 1.0, seed=4), arrival_times(40, 2.5, seed=4)
+    assert fast == pytest.approx([t / 2.5 for t in slow])
+
+
+def test_sweep_rates_get_the_same_lengths_and_their_own_words(words):
+    config = WorkloadConfig(num_prompts=12, input_len=40, input_len_range=0.5, output_len=8, output_len_range=0.5,
+                            seed=9)
+    a, b = make_dataset(config, words, prompt_seed=0), make_dataset(config, words, prompt_seed=1)
+    assert [(s.input_len, s.output_len) for s in a] == [(s.input_len, s.output_len) for s in b]
+    assert len({(s.input_len, s.output_len) for s in a}) > 1          # the lengths do vary
+    assert all(x.prompt != y.prompt for x, y in zip(a, b))
+    assert [s.prompt for s in make_dataset(config, words, prompt_seed=1)] == [s.prompt for s in b]
+
+
 @pytest.mark.parametrize("field,value", [("num_prompts", 0), ("input_len", -1), ("input_len_range", 1.0),
                                          ("output_len_range", -0.1), ("endpoint", "embeddings")])
 def test_bad_workload_names_the_field(field, value):

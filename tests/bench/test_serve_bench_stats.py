@@ -7,7 +7,8 @@ import math
 import pytest
 
 from splitserve.bench.serve_load import RequestResult
-from splitserve.bench.serve_report import latency_stats, markdown_table, meets_slo, summarize, tpot
+from splitserve.bench.serve_report import (goodput_at, latency_stats, markdown_table, meets_slo, slo_grid_table,
+                                           summarize, tpot)
 
 
 def result(ttft: float, latency: float, output_tokens: int, ok: bool = True, prompt_tokens: int = 100,
@@ -73,3 +74,27 @@ def test_markdown_table_has_one_row_per_run():
     table = markdown_table([{"label": "a", "rate": 0.5, "summary": s}, {"label": "b", "rate": math.inf, "summary": s}])
     lines = table.splitlines()
     assert len(lines) == 4 and lines[2].startswith("| a | 0.5 |") and lines[3].startswith("| b | inf |")
+
+
+def test_goodput_for_other_targets_from_the_kept_requests():
+    results = [result(0.2, 1.2, 11), result(0.2, 2.2, 11), result(0.9, 1.9, 11)]   # TPOT 100, 200, 100 ms
+    s = summarize(results, duration=10.0, ttft_slo_ms=500, tpot_slo_ms=150)
+    assert goodput_at(s, 500, 150) == pytest.approx(s["goodput"]) == pytest.approx(0.1)
+    assert goodput_at(s, None, 250) == pytest.approx(0.3)
+    assert goodput_at(s, 1000, 90) == pytest.approx(0.0)
+
+
+def test_slo_grid_finds_where_the_baseline_breaks_and_compares_there():
+    def run(label, rate, tpots):          # TTFT 100 ms, 11 tokens, TPOTs in ms
+        rs = [result(0.1, 0.1 + t * 10 / 1000, 11) for t in tpots]
+        return {"label": label, "rate": rate, "summary": summarize(rs, duration=10.0)}
+    runs = [run("colocated", 1.0, [50, 60]), run("colocated", 2.0, [50, 90, 120]),
+            run("disagg", 1.0, [50, 55]), run("disagg", 2.0, [55, 60, 65])]
+    table = slo_grid_table(runs, None, [70, 100, 200], "colocated").splitlines()
+    # 70 ms: colocated's p99 TPOT (60) holds at 1.0, breaks at 2.0, where 1 of its 3 requests meets it and 3 of 3
+    # of disagg's: goodput 0.1 against 0.3
+    assert table[2].startswith("| 70 | 2 | ") and "0.100" in table[2] and "0.300, 3.00x" in table[2]
+    assert "0.200" in table[3] and "0.300, 1.50x" in table[3]                         # 100 ms
+    assert "never" in table[4]                                                         # 200 ms: never broken
+    with pytest.raises(ValueError, match="--baseline"):
+        slo_grid_table(runs, None, [70], "nope")
