@@ -36,7 +36,8 @@ from pathlib import Path
 import httpx
 
 from .serve_load import Progress, WorkloadConfig, WordTokens, default_tokenizer_dir, make_dataset, run_load
-from .serve_report import format_run, markdown_table, plot, slo_grid_table, summarize
+from .serve_report import (attainment_at, capacity_table, format_run, goodput_at, markdown_table, plot, slo_grid_table,
+                           summarize)
 
 
 @dataclass(slots=True)
@@ -238,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", type=Path, default=None, help="PNG of goodput and p99 TPOT against rate")
     p.add_argument("--json", action="store_true", help="print the results as one JSON document on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--from-json", action="append", default=[], type=Path, metavar="PATH",
+                   help="report earlier --json outputs (repeatable, merged) instead of running anything")
     return p
 
 
@@ -256,6 +259,41 @@ def _grid(args, labels: list[str]) -> list[float]:
     return grid
 
 
+def report_saved(args) -> int:
+    """--from-json: the tables, SLO grid and plot of earlier `--json` outputs (merged; a later file's point
+    replaces an earlier one at the same config and rate), measuring nothing."""
+    points: dict = {}
+    for path in args.from_json:
+        try:
+            saved = json.loads(Path(path).read_text())
+            runs, w = saved["runs"], saved["workload"]
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"--from-json {path}: not a `splitserve bench serve --json` output ({e})") from None
+        for r in runs:
+            r["rate"] = float(r["rate"])                     # "inf" was written as a string
+            points[(r["label"], r["rate"])] = r
+    runs = sorted(points.values(), key=lambda r: (list(dict.fromkeys(p[0] for p in points)).index(r["label"]),
+                                                  r["rate"]))
+    grid = _grid(args, list(dict.fromkeys(r["label"] for r in runs)))
+    if args.ttft_slo_ms is not None or args.tpot_slo_ms is not None:     # goodput for these targets instead
+        for s in (r["summary"] for r in runs):
+            s.update(goodput=goodput_at(s, args.ttft_slo_ms, args.tpot_slo_ms),
+                     slo_attainment=attainment_at(s, args.ttft_slo_ms, args.tpot_slo_ms),
+                     ttft_slo_ms=args.ttft_slo_ms, tpot_slo_ms=args.tpot_slo_ms)
+    if args.plot:
+        slo = ", ".join(f"{k.upper()} <= {v:g} ms" for k, v in (("ttft", args.ttft_slo_ms), ("tpot", args.tpot_slo_ms))
+                        if v is not None)
+        plot(runs, args.plot, title=f"input {w['input_len']} ±{w['input_len_range']:.0%}, output {w['output_len']} "
+                                    f"±{w['output_len_range']:.0%}, {w['num_prompts']} requests per point, seed "
+                                    f"{w['seed']}; {slo}")
+        _log(f"plot: {args.plot}")
+    print(markdown_table(runs))
+    if grid:
+        print("\n" + slo_grid_table(runs, args.ttft_slo_ms, grid, args.baseline) + "\n\n"
+              + capacity_table(runs, args.ttft_slo_ms, grid, args.baseline))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rates = parse_rates(args.sweep_rates) if args.sweep_rates else [args.request_rate]
@@ -267,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     words = WordTokens(args.tokenizer or default_tokenizer_dir())
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.from_json:
+        return report_saved(args)
     launches = [LaunchSpec.parse(t) for t in args.launch]
     grid = _grid(args, [s.label for s in launches] or [args.base_url])
     targets = [Target(s.label, "", ServerProcess(s, args.log_dir, args.launch_timeout)) for s in launches] or [
@@ -308,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     elif runs:
         print(markdown_table(runs))
     if grid and runs:
-        print("\n" + slo_grid_table(runs, args.ttft_slo_ms, grid, args.baseline),
+        print("\n" + slo_grid_table(runs, args.ttft_slo_ms, grid, args.baseline) + "\n\n"
+              + capacity_table(runs, args.ttft_slo_ms, grid, args.baseline),
               file=sys.stderr if args.json else sys.stdout)
     return 1 if any(t.problem for t in targets) else 0
 

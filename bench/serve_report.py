@@ -8,7 +8,9 @@
 
 `slo_grid_table` recomputes goodput from the kept per-request records for several TPOT targets at once (the
 "SLO scale" view of DistServe): for each target, the rate at which the baseline config's p99 TPOT first breaks
-it, and every config's goodput there as a multiple of the baseline's.
+it, and every config's goodput there as a multiple of the baseline's. `capacity_table` gives DistServe's own
+figure of merit for the same targets: the highest rate a config sustains with at least 90% of its requests
+meeting both targets, interpolated linearly between the two swept rates around the 90% crossing.
 
 Throughputs divide by the run's wall time (first send to last byte). Failed requests count in `failed` and
 their first distinct errors are kept; they are in no latency and no throughput.
@@ -79,6 +81,51 @@ def goodput_at(s: dict, ttft_slo_ms: float | None, tpot_slo_ms: float | None) ->
     good = sum(r["ok"] and (ttft_slo_ms is None or r["ttft_ms"] <= ttft_slo_ms)
                and (tpot_slo_ms is None or r["tpot_ms"] <= tpot_slo_ms) for r in s["requests"])
     return good / s["duration_s"]
+
+
+def attainment_at(s: dict, ttft_slo_ms: float | None, tpot_slo_ms: float | None) -> float:
+    """The fraction of a run's requests (failed ones included) that met both targets."""
+    return goodput_at(s, ttft_slo_ms, tpot_slo_ms) * s["duration_s"] / max(1, len(s["requests"]))
+
+
+def sustained_rate(points: list[tuple[float, float]], attainment: float = 0.9) -> tuple[float | None, str]:
+    """[(rate, attainment)] sorted by rate -> (the rate where attainment first falls below `attainment`,
+    interpolated, or the last rate if it never does; None if the first rate already misses it) and a note."""
+    for i, (rate, att) in enumerate(points):
+        if att < attainment:
+            if i == 0:
+                return None, f"< {rate:g}"
+            r0, a0 = points[i - 1]
+            x = r0 + (rate - r0) * (a0 - attainment) / (a0 - att)
+            return x, f"{x:.2f}"
+    return points[-1][0], f">= {points[-1][0]:g}"
+
+
+def capacity_table(runs: list[dict], ttft_slo_ms: float | None, tpot_slos: list[float], baseline: str,
+                   attainment: float = 0.9) -> str:
+    """One row per TPOT target: each config's highest sustained rate (>= `attainment` of requests meeting both
+    targets) and its multiple of the baseline's; '<'/'>=' mark a rate outside the swept range."""
+    labels = list(dict.fromkeys(r["label"] for r in runs))
+    head = ["TPOT target (ms)"] + [f"{label}: req/s at >= {attainment:.0%} met" + (
+        "" if label == baseline else f", x {baseline}") for label in labels]
+    rows = [head, ["---"] * len(head)]
+    for slo in tpot_slos:
+        got = {}
+        for label in labels:
+            mine = sorted((r for r in runs if r["label"] == label and not math.isinf(r["rate"])),
+                          key=lambda r: r["rate"])
+            got[label] = sustained_rate([(r["rate"], attainment_at(r["summary"], ttft_slo_ms, slo)) for r in mine],
+                                        attainment) if mine else (None, "-")
+        base = got[baseline][0]
+        cells = []
+        for label in labels:
+            rate, text = got[label]
+            exact = not text.startswith(("<", ">")) and not got[baseline][1].startswith(("<", ">"))
+            if label != baseline and exact:        # a bound (outside the swept rates) has no ratio
+                text += f", {rate / base:.2f}x"
+            cells.append(text)
+        rows.append([f"{slo:g}"] + cells)
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
 def _p99_tpot(s: dict) -> float:

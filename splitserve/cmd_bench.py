@@ -1,5 +1,6 @@
-"""`splitserve bench engine|kv|serve|layer-parallel`: benchmarks that print ratios against a peer measured in the
-same run. Each harness lives in `bench/` (importable as `splitserve.bench`) and takes its own options."""
+"""`splitserve bench engine|prefill|kv|serve|layer-parallel`: benchmarks that print ratios against a peer
+measured in the same run. Each harness lives in `bench/` (importable as `splitserve.bench`) and takes its own
+options."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import importlib
 
 HARNESSES = {
     "engine": ("splitserve.bench.engine_bench", "decode throughput vs HF transformers and the GEMM roofline"),
+    "prefill": ("splitserve.bench.prefill_bench", "prompt processing time vs HF transformers' forward"),
     "kv": ("splitserve.bench.kv_bench", "KV streaming vs raw torch.distributed send/recv; TTFT with streaming"),
     "serve": ("splitserve.bench.serve_bench", "online serving: TTFT/TPOT/goodput against any OpenAI URL"),
     "layer-parallel": ("splitserve.bench.layer_parallel_bench", "layer-pair parallelism: quality vs speed-up"),
@@ -15,7 +17,7 @@ HARNESSES = {
 
 
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="run a benchmark (engine, kv, serve, layer-parallel)")
+    p = sub.add_parser("bench", help="run a benchmark (engine, prefill, kv, serve, layer-parallel)")
     p.add_argument("harness", choices=sorted(HARNESSES), help="; ".join(f"{k}: {v[1]}" for k, v in HARNESSES.items()))
     p.add_argument("rest", nargs=argparse.REMAINDER, help="the harness's own options (see `splitserve bench NAME -h`)")
     p.set_defaults(run=run)

@@ -33,6 +33,14 @@ def test_short_real_run_against_a_launched_embedded_server(capsys, tmp_path):
     assert "| 0.001 | inf | " in out.err and "| 60000 | never" in out.err
     (target,) = report["targets"]
     assert target["returncode"] == 0 and target["problem"] is None
+    # the saved output re-reports without a server, with goodput recomputed for other targets
+    saved = tmp_path / "run.json"
+    saved.write_text(out.out)
+    assert serve_bench.main(["--from-json", str(saved), "--ttft-slo-ms", "0.001", "--plot", str(tmp_path / "p.png"),
+                             "--tpot-slo-grid", "60000", "--baseline", "embedded"]) == 0
+    table = capsys.readouterr().out
+    assert "| embedded | inf | 3/0 |" in table and "| 0.000 | 0% |" in table and "| 60000 | never" in table
+    assert (tmp_path / "p.png").stat().st_size > 0
 
 
 def test_slo_grid_needs_a_baseline_that_is_launched():

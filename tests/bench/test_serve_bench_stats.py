@@ -7,8 +7,8 @@ import math
 import pytest
 
 from splitserve.bench.serve_load import RequestResult
-from splitserve.bench.serve_report import (goodput_at, latency_stats, markdown_table, meets_slo, slo_grid_table,
-                                           summarize, tpot)
+from splitserve.bench.serve_report import (capacity_table, goodput_at, latency_stats, markdown_table, meets_slo,
+                                           slo_grid_table, summarize, sustained_rate, tpot)
 
 
 def result(ttft: float, latency: float, output_tokens: int, ok: bool = True, prompt_tokens: int = 100,
@@ -98,3 +98,20 @@ def test_slo_grid_finds_where_the_baseline_breaks_and_compares_there():
     assert "never" in table[4]                                                         # 200 ms: never broken
     with pytest.raises(ValueError, match="--baseline"):
         slo_grid_table(runs, None, [70], "nope")
+
+
+def test_sustained_rate_interpolates_the_90_percent_crossing():
+    assert sustained_rate([(1.0, 1.0), (2.0, 0.5)]) == (pytest.approx(1.2), "1.20")      # 1 + 1 * 0.1 / 0.5
+    assert sustained_rate([(1.0, 0.95), (2.0, 0.92)]) == (2.0, ">= 2")                     # never below: a bound
+    assert sustained_rate([(1.0, 0.8), (2.0, 0.5)]) == (None, "< 1")
+
+
+def test_capacity_table_compares_sustained_rates():
+    def run(label, rate, tpots):
+        rs = [result(0.1, 0.1 + t * 10 / 1000, 11) for t in tpots]
+        return {"label": label, "rate": rate, "summary": summarize(rs, duration=10.0)}
+    runs = [run("colocated", 1.0, [50] * 10), run("colocated", 2.0, [50] * 5 + [120] * 5),
+            run("disagg", 1.0, [50] * 10), run("disagg", 2.0, [60] * 10)]
+    assert capacity_table(runs, None, [100], "colocated").splitlines()[2] == "| 100 | 1.20 | >= 2 |"   # a bound
+    runs.append(run("disagg", 3.0, [60] * 5 + [150] * 5))          # crosses 90% at 2 + 1 * 0.1 / 0.5 = 2.2
+    assert capacity_table(runs, None, [100], "colocated").splitlines()[2] == "| 100 | 1.20 | 2.20, 1.83x |"
