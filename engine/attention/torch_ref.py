@@ -48,13 +48,21 @@ def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMeta
         v = v.transpose(0, 1).unsqueeze(0).to(q.dtype)
         if qlen == clen:
             o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scale, enable_gqa=True)
-        else:
-            qpos = torch.arange(clen - qlen, clen, device=q.device).unsqueeze(1)
-            mask = torch.arange(clen, device=q.device).unsqueeze(0) <= qpos    # [q, c]
+        else:      # a later chunk: every cached token is visible, the chunk's own are causal
+            mask = meta.per_step(f"torch_prefill_mask:{s}:{q.dtype}",
+                                 lambda: _chunk_mask(qlen, clen, q.dtype, q.device))
             o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
         out[start:start + qlen] = o[0].transpose(0, 1)
         start += qlen
     return out
+
+
+def _chunk_mask(qlen: int, clen: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Additive [q, c] mask of a chunk's last `qlen` of `clen` positions: built once per step, not per layer
+    (a float mask also saves SDPA converting a boolean one on every call)."""
+    qpos = torch.arange(clen - qlen, clen, device=device).unsqueeze(1)
+    hidden = torch.arange(clen, device=device).unsqueeze(0) > qpos
+    return torch.zeros(hidden.shape, dtype=dtype, device=device).masked_fill_(hidden, float("-inf"))
 
 
 def _decode(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
