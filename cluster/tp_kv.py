@@ -207,6 +207,9 @@ class ShardedKVBackend(KVTransferBackend):
         self.channel.flush()
         return ShardedReceiver(local, self.channel, self._timeout(spec))
 
+    def reclaim(self) -> None:
+        self.local.reclaim()           # followers' pools free nothing: rank 0's block manager owns the ids
+
     def close(self) -> None:
         self.local.close()
 

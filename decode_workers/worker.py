@@ -147,6 +147,7 @@ class DecodeWorker(StepLoop):
 
     # ---- the loop -------------------------------------------------------------------------------------
     def tick(self) -> bool:
+        self.kv.reclaim()
         self._poll_outgoing()
         self._await_handover()
         updates = self._admit_arrived()

@@ -157,5 +157,10 @@ class KVTransferBackend(ABC):
     def create_receiver(self, spec: TransferSpec, cached_block_ids: Sequence[int] = ()) -> KVReceiver:
         """`cached_block_ids`: the leading logical blocks already here (prefix-cache hits; not sent, not freed)."""
 
+    def reclaim(self) -> None:
+        """Owner's thread: give back blocks whose release a transport thread parked (a receive that failed while
+        its message was still landing in them). Every backend call does this too; a worker also calls it once per
+        tick, so an idle worker with no transfer left to poll does not keep them."""
+
     def close(self) -> None:
         """Stop background threads and drop pair links."""

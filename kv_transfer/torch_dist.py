@@ -85,6 +85,10 @@ class TorchDistBackend(KVTransferBackend):
         table, new = self._allocate_destination(spec, ctx.layout, cached_block_ids)
         return TorchDistReceiver(ctx, spec, table, new, spec.timeout_s or self.config.timeout_s)
 
+    def reclaim(self) -> None:
+        if self._ctx is not None:
+            self._ctx.drain()
+
     def close(self) -> None:
         _OPEN.discard(self)
         if self._ctx is not None:

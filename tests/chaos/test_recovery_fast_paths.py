@@ -75,3 +75,17 @@ def test_a_migration_passes_its_next_token_and_waits_for_its_kv_once(quiet_engin
         assert d.abort("moved-2")
     finally:
         d.kv.close()
+
+
+def test_an_idle_decode_worker_reclaims_parked_blocks_every_tick(quiet_engine):
+    """Blocks a transport thread parked (a receive failed while still writing into them) are given back by the
+    worker's next tick even when it has no transfer left to poll: a drained or idle worker returns to baseline."""
+    d = DecodeWorker("d-idle", None, KVTransferConfig(backend="local", worker_id="d-idle"), engine=quiet_engine)
+    calls = []
+    d.kv.reclaim = lambda: calls.append(1)          # the backend's own behaviour is tested in tests/kv_transfer
+    try:
+        d.tick()
+        d.tick()
+        assert len(calls) == 2 and not d.incoming and not d.outgoing
+    finally:
+        d.kv.close()

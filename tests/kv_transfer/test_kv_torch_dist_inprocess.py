@@ -252,3 +252,21 @@ def test_control_plane_polls_slow_watches_rarely_until_heated(pair):
         assert fired == [b"1"] and plane.num_watches == 0 and not store.check(["cp/slow"])
     finally:
         plane.close()
+
+
+def test_blocks_parked_by_a_write_in_flight_come_back_on_reclaim(pair):
+    """A receiver that fails while a page is still landing in its blocks parks their release until the writer is
+    done; the writer hands them over on its own thread, and an owner with no transfer left to poll gets them
+    back from `reclaim()` (which workers call every tick), not only from its next transfer."""
+    _, _, d = pair
+    baseline = d.pool.num_free
+    rx = d.backend.create_receiver(spec("parked", 10), [])
+    with rx.life.lock:
+        rx._writing += 1                    # an in-place receive into these blocks is in flight
+    rx.abort("request aborted")
+    assert rx.poll() is TransferStatus.FAILED and d.pool.num_free < baseline    # parked, not freed under the write
+    with rx.life.lock:
+        rx._writes_ended(1)                 # the link thread: the receive ended
+    assert d.pool.num_free < baseline       # handed to the owner's thread, which has not run yet
+    d.backend.reclaim()
+    assert d.pool.num_free == baseline
