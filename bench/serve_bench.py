@@ -5,10 +5,12 @@ optional concurrency cap; TTFT, TPOT, ITL, E2E latency, throughput and goodput (
     for each target (--base-url, or each --launch "LABEL:SERVE ARGS", started here on free ports):
         start the server (launch only) -> warm-up requests -> for each rate: run_load, summarize, print
         -> stop the server (launch only)
-    then one table of every (target, rate), optionally --json and a --plot of goodput and p99 TPOT vs rate
+    then one table of every (target, rate), optionally --json and a --plot of goodput and p99 TPOT vs rate,
+    and with --tpot-slo-grid the goodput and sustained rate of every target per TPOT target (serve_report.py)
 
-Every target sees the same prompts; each rate gets its own (seed --seed + its index), and the warm-up others
-again, so no run is served from the prefix cache of an earlier one. Examples:
+Every target sees the same prompts. Every rate replays the same arrival gaps (scaled to it) and lengths with
+words of its own, and the warm-up others again, so no run is served from the prefix cache of an earlier one.
+--from-json PATH re-reports saved --json outputs without running anything. Examples:
 
     splitserve bench serve --base-url http://127.0.0.1:8000/v1 --num-prompts 50 --request-rate 1
     splitserve bench serve --input-len 512 --input-len-range 0.25 --output-len 32 --output-len-range 0.25 \
@@ -270,10 +272,13 @@ def report_saved(args) -> int:
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(f"--from-json {path}: not a `splitserve bench serve --json` output ({e})") from None
         for r in runs:
+            if "requests" not in r["summary"]:
+                raise ValueError(f"--from-json {path}: saved without per-request records (before they were kept); "
+                                 "run the sweep again to re-report it")
             r["rate"] = float(r["rate"])                     # "inf" was written as a string
             points[(r["label"], r["rate"])] = r
-    runs = sorted(points.values(), key=lambda r: (list(dict.fromkeys(p[0] for p in points)).index(r["label"]),
-                                                  r["rate"]))
+    order = list(dict.fromkeys(label for label, _ in points))
+    runs = sorted(points.values(), key=lambda r: (order.index(r["label"]), r["rate"]))
     grid = _grid(args, list(dict.fromkeys(r["label"] for r in runs)))
     if args.ttft_slo_ms is not None or args.tpot_slo_ms is not None:     # goodput for these targets instead
         for s in (r["summary"] for r in runs):
@@ -289,13 +294,19 @@ def report_saved(args) -> int:
         _log(f"plot: {args.plot}")
     print(markdown_table(runs))
     if grid:
-        print("\n" + slo_grid_table(runs, args.ttft_slo_ms, grid, args.baseline) + "\n\n"
-              + capacity_table(runs, args.ttft_slo_ms, grid, args.baseline))
+        print(_grid_tables(runs, args, grid))
     return 0
+
+
+def _grid_tables(runs: list[dict], args, grid: list[float]) -> str:
+    return ("\n" + slo_grid_table(runs, args.ttft_slo_ms, grid, args.baseline) + "\n\n"
+            + capacity_table(runs, args.ttft_slo_ms, grid, args.baseline))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.from_json:
+        return report_saved(args)
     rates = parse_rates(args.sweep_rates) if args.sweep_rates else [args.request_rate]
     if args.max_concurrency is not None and args.max_concurrency < 1:
         raise ValueError(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
@@ -305,8 +316,6 @@ def main(argv: list[str] | None = None) -> int:
     words = WordTokens(args.tokenizer or default_tokenizer_dir())
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
-    if args.from_json:
-        return report_saved(args)
     launches = [LaunchSpec.parse(t) for t in args.launch]
     grid = _grid(args, [s.label for s in launches] or [args.base_url])
     targets = [Target(s.label, "", ServerProcess(s, args.log_dir, args.launch_timeout)) for s in launches] or [
@@ -348,9 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     elif runs:
         print(markdown_table(runs))
     if grid and runs:
-        print("\n" + slo_grid_table(runs, args.ttft_slo_ms, grid, args.baseline) + "\n\n"
-              + capacity_table(runs, args.ttft_slo_ms, grid, args.baseline),
-              file=sys.stderr if args.json else sys.stdout)
+        print(_grid_tables(runs, args, grid), file=sys.stderr if args.json else sys.stdout)
     return 1 if any(t.problem for t in targets) else 0
 
 
