@@ -76,16 +76,19 @@ def summarize(results: list[RequestResult], duration: float, ttft_slo_ms: float 
     }
 
 
+def _num_good(s: dict, ttft_slo_ms: float | None, tpot_slo_ms: float | None) -> int:
+    return sum(r["ok"] and (ttft_slo_ms is None or r["ttft_ms"] <= ttft_slo_ms)
+               and (tpot_slo_ms is None or r["tpot_ms"] <= tpot_slo_ms) for r in s["requests"])
+
+
 def goodput_at(s: dict, ttft_slo_ms: float | None, tpot_slo_ms: float | None) -> float:
     """A summarized run's goodput (req/s) for other targets, from its per-request records."""
-    good = sum(r["ok"] and (ttft_slo_ms is None or r["ttft_ms"] <= ttft_slo_ms)
-               and (tpot_slo_ms is None or r["tpot_ms"] <= tpot_slo_ms) for r in s["requests"])
-    return good / s["duration_s"]
+    return _num_good(s, ttft_slo_ms, tpot_slo_ms) / s["duration_s"]
 
 
 def attainment_at(s: dict, ttft_slo_ms: float | None, tpot_slo_ms: float | None) -> float:
     """The fraction of a run's requests (failed ones included) that met both targets."""
-    return goodput_at(s, ttft_slo_ms, tpot_slo_ms) * s["duration_s"] / max(1, len(s["requests"]))
+    return _num_good(s, ttft_slo_ms, tpot_slo_ms) / max(1, len(s["requests"]))
 
 
 def sustained_rate(points: list[tuple[float, float]], attainment: float = 0.9) -> tuple[float | None, str]:
