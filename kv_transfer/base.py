@@ -159,8 +159,8 @@ class KVTransferBackend(ABC):
 
     def reclaim(self) -> None:
         """Owner's thread: give back blocks whose release a transport thread parked (a receive that failed while
-        its message was still landing in them). Every backend call does this too; a worker also calls it once per
-        tick, so an idle worker with no transfer left to poll does not keep them."""
+        its message was still landing in them). Every backend call does this too; a receiving (decode) worker also
+        calls it once per tick, so an idle worker with no transfer left to poll does not keep them."""
 
     def close(self) -> None:
         """Stop background threads and drop pair links."""

@@ -80,7 +80,6 @@ class PrefillWorker(StepLoop):
 
     # ---- the loop -------------------------------------------------------------------------------------
     def tick(self) -> bool:
-        self.kv.reclaim()
         worked = False
         if self.engine.has_unfinished:
             outputs = self.engine.step(on_layer_done=self._layer_done, before_execute=self._start_senders)
