@@ -11,6 +11,7 @@ head_dim 64, block_size 16.
        kv_transfer  sender.layer_ready(l) for every layer of a registered KV tensor; the receiver's pages land
                     in its pre-allocated blocks; both sides block in wait(); contiguous blocks (fresh pools) and
                     fragmented ones (every other block: the gather/scatter path)
+   Prompts of up to 2048 tokens run 4 x --reps rounds, longer ones --reps / 2 (at least 3).
    Time = sender's first send -> receiver sees all pages in place (both clocks are CLOCK_MONOTONIC). The
    handshake (plan, reply through the store) is timed separately; "ack" is when the sender learns of it.
 2. Overlap, SYNTHETIC COMPUTE: a matmul loop of a configured duration per layer stands in for a fast (GPU-like)
@@ -99,7 +100,8 @@ def _worker(args: dict) -> None:
         compute_s = case.get("compute_ms_per_layer", 0.0) / 1e3
         # raw and kv_transfer (or the three overlap variants) alternate, so load changes hit both alike
         rounds = ["compute", "serial", "streamed"] if case.get("overlap") else ["raw", "kvx"]
-        reps = args["reps"] if case["tokens"] <= 2048 else max(3, args["reps"] // 2)
+        # a short transfer takes milliseconds and one scheduling hiccup can double it: more reps steady the median
+        reps = 4 * args["reps"] if case["tokens"] <= 2048 else max(3, args["reps"] // 2)
         for i, kind in enumerate(["warmup"] + rounds * reps):
             spec = TransferSpec(f"{case['dtype']}-{case['tokens']}-{int(case['fragmented'])}-{i}",
                                 WorkerSpec("bench-prefill"), WorkerSpec("bench-decode"), case["tokens"])

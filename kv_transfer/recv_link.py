@@ -2,7 +2,8 @@
 
     ends are registered per transfer; a stream is open once the sender accepted
     while any stream is open: receive a header (deadline = the latest open stream's wire deadline), post every
-    page-run receive it announces at once, plus the next header's when more is certain; contiguous destination runs
+    page-run receive it announces at once, plus the next header's when more is certain, then (Gloo) send the
+    clear-to-send that lets the sender post the pages (wire.py); contiguous destination runs
     land in place, the rest in staging; a staged run is handed over as it lands (delivery: scatter, bookkeeping),
     runs landing in place are handed over with the next staged run or the batch's last: receives complete in
     order, so the thread sleeps once per batch, not once per message
@@ -196,6 +197,7 @@ class RecvLink(Link):
                 if end is not None and self._got[key] >= end.pages_total:
                     self._open.discard(key)
         ahead = self._post_header() if more else None
+        cts = [self.group.send([wire.cts_frame(self.device)], 0, wire.CTS_TAG)] if wire.uses_cts(self.device) else []
         start = 0
         for i, (_, _, _, target, _) in enumerate(posted):
             if target.in_place and i < len(posted) - 1:
@@ -214,6 +216,7 @@ class RecvLink(Link):
                 if end is not None:
                     self._hand_over((key, end, run, target))
             start = i + 1
+        wait_all(cts, deadline)        # long done: the sender answered it with the pages just received
         return ahead
 
     def _hand_over(self, item: tuple) -> None:

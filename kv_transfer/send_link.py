@@ -2,7 +2,8 @@
 
     queue: Form(gen) | Pages | Abort
     Pages jobs already queued are batched into one header frame: make() gathers each run's pages (None = its
-    transfer ended), then header + every run are sent; 2 batches stay in flight, so gathering overlaps the wire.
+    transfer ended), then the header is sent and, on Gloo, the receiver's clear-to-send awaited (wire.py), then
+    every run; 2 batches stay in flight, so gathering overlaps the wire.
     Any send error breaks the link: the jobs in flight fail, and the next handshake forms a fresh group.
 """
 
@@ -106,10 +107,18 @@ class SendLink(Link):
                 run, data = payload
                 header.runs.append(run)
                 tensors.append(data)
-        if header.runs:
-            frame = wire.encode_header(header, self.device)
+        if not header.runs:
+            return
+        frame = wire.encode_header(header, self.device)
+        if not wire.uses_cts(self.device):
             works = [self.group.send([t], 1, 0) for t in [frame, *tensors]]
             in_flight.append((works, (frame, *tensors), jobs))
+            return
+        cts = wire.cts_frame(self.device)
+        works = [self.group.send([frame], 1, 0)]
+        wait_all([self.group.recv([cts], 1, wire.CTS_TAG)], max(j.deadline for j in jobs))
+        works += [self.group.send([t], 1, 0) for t in tensors]
+        in_flight.append((works, (frame, *tensors), jobs))
 
     def _send_control(self, job: FormJob | AbortJob, in_flight: deque) -> None:
         if isinstance(job, FormJob):

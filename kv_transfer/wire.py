@@ -9,6 +9,12 @@ payload of the batch, so the receiver posts all their receives at once: the tran
 (Gloo's TCP pairs move a message only once its receive is posted). Even pages of a transfer the receiver gave
 up on are received (and dropped), keeping the stream in step. NCCL needs device tensors, hence the frame lives
 on the KV tensor's device.
+
+On Gloo a batch's pages also wait for a clear-to-send (CTS): the receiver posts every receive the header
+announces, then sends one small frame back (tag CTS_TAG), and only then does the sender post the page sends. A
+Gloo send posted before its receive is written later by the pair's event loop, and the receive posts then
+contend with the incoming bytes for the pair's lock (a post was seen to take 4.5 ms). The CTS costs one small
+round trip per batch. NCCL has neither effect, so NCCL pairs send without one.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import torch
 from splitserve.proto.v1 import kv_transfer_pb2 as pb
 
 HEADER_BYTES = 4096
+CTS_TAG = 1            # the receiver's clear-to-send frames, rank 1 -> rank 0 (pages and headers use tag 0)
 MAX_RUNS = 64          # runs per header; fewer when long request ids fill the frame (see run_size_bound)
 
 
@@ -46,6 +53,15 @@ def decode_header(frame: torch.Tensor) -> pb.KVPageHeader:
     if n > HEADER_BYTES - 2:
         raise ValueError(f"corrupt KV page header frame (length {n})")
     return pb.KVPageHeader.FromString(raw[2:2 + n])
+
+
+def uses_cts(device: torch.device) -> bool:
+    """Gloo pairs (CPU KV) gate a batch's pages on a clear-to-send; NCCL pairs do not."""
+    return device.type != "cuda"
+
+
+def cts_frame(device: torch.device) -> torch.Tensor:
+    return torch.zeros(8, dtype=torch.uint8, device=device)
 
 
 def empty_header(device: torch.device) -> torch.Tensor:
