@@ -97,6 +97,7 @@ class DecodeWorker(StepLoop):
 
     def abort(self, request_id: str) -> bool:
         self.attempts.pop(request_id, None)
+        self._drop_outgoing(request_id, "request aborted")   # a migration the router gave up (it recomputes)
         inc = self.incoming.pop(request_id, None)
         if inc is not None:
             inc.receiver.abort("request aborted")
@@ -127,9 +128,17 @@ class DecodeWorker(StepLoop):
             bm.free(seq)
             raise
         bm.free(seq)
-        sender.all_layers_ready()
+        self._drop_outgoing(request_id, "migrated again")
         self.outgoing[request_id] = sender
+        sender.all_layers_ready()
         return MigrationState(list(seq.token_ids), seq.num_prompt_tokens, computed)
+
+    def _drop_outgoing(self, request_id: str, reason: str) -> None:
+        """End a migration's sender now and unpin its blocks, instead of at the end of its lease."""
+        sender = self.outgoing.pop(request_id, None)
+        if sender is not None:
+            sender.abort(reason)
+            sender.poll()
 
     def _poll_outgoing(self) -> None:
         for rid, sender in list(self.outgoing.items()):

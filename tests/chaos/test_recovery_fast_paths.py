@@ -89,3 +89,24 @@ def test_an_idle_decode_worker_reclaims_parked_blocks_every_tick(quiet_engine):
         assert len(calls) == 2 and not d.incoming and not d.outgoing
     finally:
         d.kv.close()
+
+
+def test_aborting_a_migrated_request_unpins_its_outgoing_kv_at_once(quiet_engine):
+    """A migration whose destination never asks (the router gave up on it and recomputes the request) holds the
+    request's pages until its lease ends; the router's abort ends it at once, so a drained worker's blocks come
+    back without waiting out the lease."""
+    d = DecodeWorker("d-out", None, KVTransferConfig(backend="local", worker_id="d-out"), engine=quiet_engine)
+    bm = quiet_engine.block_manager
+    try:
+        d.submit_local(work("leaving"))
+        while not quiet_engine.scheduler.running:
+            d.tick()
+        d.tick()
+        state = d.migrate_out("leaving", spec("leaving", "d-out", "d-nowhere", 1, 1))
+        assert state is not None and state.num_computed_tokens > 40 and "leaving" in d.outgoing
+        assert bm.num_free_blocks < bm.num_blocks                   # pinned for the sender, not by a sequence
+        assert not quiet_engine.scheduler.running and not quiet_engine.scheduler.waiting
+        d.abort("leaving")
+        assert not d.outgoing and bm.num_free_blocks == bm.num_blocks
+    finally:
+        d.kv.close()
