@@ -20,7 +20,7 @@ from .kv_layout import KVLayout, fingerprint
 from .loader.progress import Progress
 from .loader.weights import iter_safetensors
 from .model_config import ModelConfig
-from .models.decode_plan import DecodePlan
+from .models.step_plan import StepPlan
 from .models.layers import can_pack_linears, pack_linears
 from .models.llama import ForwardContext, LlamaForCausalLM
 from .sampler import SampleRequest, sample
@@ -39,7 +39,7 @@ class ModelRunner:
             self.model = model_transform(self.model)
         if can_pack_linears(self.device, self.dtype):   # last: packed weights are opaque to transforms
             pack_linears(self.model)
-        self.model.decode_plan = DecodePlan.build(self.model)   # binds the final weights
+        self.model.step_plan = StepPlan.build(self.model)   # binds the final weights
         _return_freed_memory()
         self.layout = self._kv_layout()
         self.kv_cache = self.layout.allocate(self.device)

@@ -24,8 +24,8 @@ from .metadata import AttentionMetadata
 
 StoreKV = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 PagedAttention = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata, float], torch.Tensor]
-# (dtype, num_heads, kv_layer, meta) -> the fused op for this step, or None (see torch_ref.rope_store_decode_op)
-RopeStoreDecodeOp = Callable[[torch.dtype, int, torch.Tensor, AttentionMetadata], Callable | None]
+# (dtype, num_heads, kv_layer, meta) -> the fused op for this step, or None (see torch_ref.rope_store_attention_op)
+RopeStoreAttentionOp = Callable[[torch.dtype, int, torch.Tensor, AttentionMetadata], Callable | None]
 
 BACKEND_NAMES = ("torch", "triton", "auto")
 
@@ -37,7 +37,7 @@ class AttentionBackend:
     paged_attention: PagedAttention  # (q, kv_layer, meta, scale) -> out; decode or prefill by meta.is_decode_only
     # optional: gives the op that does a step's rotary, store_kv and paged_attention in one call, from the fused
     # qkv projection, or None where it does not apply (then the model runs the three steps)
-    rope_store_decode_op: RopeStoreDecodeOp | None = None
+    rope_store_attention_op: RopeStoreAttentionOp | None = None
 
 
 def _triton_available() -> bool:
@@ -46,7 +46,7 @@ def _triton_available() -> bool:
 
 def _torch_backend() -> AttentionBackend:
     return AttentionBackend(name="torch", store_kv=torch_ref.store_kv, paged_attention=torch_ref.paged_attention,
-                            rope_store_decode_op=torch_ref.rope_store_decode_op)
+                            rope_store_attention_op=torch_ref.rope_store_attention_op)
 
 
 def _triton_backend(device: torch.device) -> AttentionBackend:

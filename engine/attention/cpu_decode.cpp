@@ -11,12 +11,9 @@
 //
 // bfloat16 runs on AMX tiles where the CPU has them (cpu_decode_amx.cpp; `tiles=False` forces the AVX-512 path).
 //
-// rope_store_decode does a decode step's whole attention block between the two projections in one call: it takes
-// the fused [B, (H + 2 Hkv) * D] qkv projection, applies the rotary embedding to the q and k heads, stores k and v
-// in their KV-cache slots, and runs the decode attention above; it returns [B, H * D], the o projection's input.
-// The rotation rounds as the ATen expression `x * cos + swap_halves(x) * signed_sin` does (each product and the
-// sum rounded to the dtype, no fused multiply-add: the library is built with -ffp-contract=off), so float32 stays
-// bit-identical to HF.
+// rope_store_decode does a decode step's whole attention block between the two projections in one call: the
+// rotary embedding and KV store of cpu_rope.cpp on the fused [B, (H + 2 Hkv) * D] qkv projection, then the decode
+// attention above; it returns [B, H * D], the o projection's input.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -44,6 +41,11 @@ void paged_decode_bf16(const uint16_t* q, uint16_t* out, const uint16_t* kv, int
                        int64_t block_size, int64_t block_stride, int64_t token_stride, int64_t head_stride, int H,
                        int Hkv, int D, float scale);
 }  // namespace splitserve_amx
+
+namespace splitserve_rope {   // cpu_rope.cpp: rotary embedding of q and k, k and v stored; returns q [T, H, D]
+at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& kv,
+                      const at::Tensor& slots, int64_t num_heads);
+}  // namespace splitserve_rope
 
 namespace {
 
@@ -438,100 +440,14 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& kv, const at::Ten
   return out;
 }
 
-// ---- rotary embedding + KV store + decode attention -----------------------------------------------------------
-inline float round_to(float x, const float*) { return x; }
-inline float round_to(float x, const c10::BFloat16*) { return to_float(c10::BFloat16(x)); }
-
-#if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-inline __m512 round16(__m512 x, const float*) { return x; }
-inline __m512 round16(__m512 x, const c10::BFloat16*) { return _mm512_castsi512_ps(round_to_bfloat16_high(x)); }
-inline void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
-inline void store16(c10::BFloat16* p, __m512 x) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
-                      _mm512_cvtepi32_epi16(_mm512_srli_epi32(round_to_bfloat16_high(x), 16)));
-}
-#endif
-
-// out = x * cos + swap_halves(x) * signed_sin over one head's D elements, rounded like the three ATen ops.
-template <typename T, int D>
-inline void rotate_head(const T* x, const T* c, const T* s, T* out) {
-  constexpr int half = D / 2;
-#if defined(__AVX512F__)
-  for (int d = 0; d < D; d += 16) {
-    const int sw = d < half ? d + half : d - half;
-    const __m512 a = round16(_mm512_mul_ps(load16(x + d), load16(c + d)), x);
-    const __m512 b = round16(_mm512_mul_ps(load16(x + sw), load16(s + d)), x);
-    store16(out + d, _mm512_add_ps(a, b));
-  }
-#else
-  for (int d = 0; d < D; ++d) {
-    const int sw = d < half ? d + half : d - half;
-    const float a = round_to(to_float(x[d]) * to_float(c[d]), x);
-    const float b = round_to(to_float(x[sw]) * to_float(s[d]), x);
-    from_float(a + b, out + d);
-  }
-#endif
-}
-
-// Token t's q heads rotated into q_out [H, D]; its k heads rotated and its v heads copied into the cache slot.
-template <typename T, int D>
-void rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& kv,
-                const at::Tensor& slots, at::Tensor& q_out, int64_t H, int64_t Hkv) {
-  const int64_t T_ = qkv.size(0), width = qkv.size(1), block_size = kv.size(2);
-  const T* xp = qkv.data_ptr<T>();
-  const T* cp = cos.data_ptr<T>();
-  const T* sp = sin.data_ptr<T>();
-  const int64_t* slot = slots.data_ptr<int64_t>();
-  T* qp = q_out.data_ptr<T>();
-  T* kp = kv.data_ptr<T>();
-  const int64_t kv_stride = kv.stride(0), block_stride = kv.stride(1), token_stride = kv.stride(2);
-  const int64_t head_stride = kv.stride(3);
-  for (int64_t t = 0; t < T_; ++t) {
-    const T* x = xp + t * width;
-    const T* c = cp + t * D;
-    const T* s = sp + t * D;
-    for (int64_t h = 0; h < H; ++h) rotate_head<T, D>(x + h * D, c, s, qp + (t * H + h) * D);
-    T* k_slot = kp + (slot[t] / block_size) * block_stride + (slot[t] % block_size) * token_stride;
-    T* v_slot = k_slot + kv_stride;
-    for (int64_t h = 0; h < Hkv; ++h) {
-      rotate_head<T, D>(x + (H + h) * D, c, s, k_slot + h * head_stride);
-      std::memcpy(v_slot + h * head_stride, x + (H + Hkv + h) * D, D * sizeof(T));
-    }
-  }
-}
-
+// ---- rotary embedding + KV store (cpu_rope.cpp) + decode attention ------------------------------------------
 at::Tensor rope_store_decode(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor kv,
                              const at::Tensor& slots, const at::Tensor& tables, const at::Tensor& lens,
                              int64_t num_heads, double scale) {
-  TORCH_CHECK(kv.dim() == 5 && kv.size(0) == 2 && kv.stride(4) == 1, "kv_layer must be [2, N, bs, Hkv, D]");
-  const int64_t T_ = qkv.size(0), H = num_heads, Hkv = kv.size(3), D = kv.size(4);
-  TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous() && qkv.size(1) == (H + 2 * Hkv) * D,
-              "qkv must be a contiguous [T, (num_heads + 2 * num_kv_heads) * head_dim] tensor");
-  TORCH_CHECK(qkv.scalar_type() == kv.scalar_type() && cos.scalar_type() == kv.scalar_type() &&
-              sin.scalar_type() == kv.scalar_type(), "qkv, cos, sin and kv_layer must have the same dtype");
-  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.numel() == T_ * D && sin.numel() == T_ * D,
-              "cos and sin must be contiguous [T, head_dim] rows");
-  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == T_,
-              "slot_mapping must be int64 [T]");
-  TORCH_CHECK(tables.size(0) == T_ && lens.numel() == T_, "decode only: one new token per sequence");
-  at::Tensor q = at::empty({T_, H, D}, qkv.options());
-  if (qkv.scalar_type() == at::kFloat) {
-    if (D == 64) rope_store<float, 64>(qkv, cos, sin, kv, slots, q, H, Hkv);
-    else if (D == 128) rope_store<float, 128>(qkv, cos, sin, kv, slots, q, H, Hkv);
-    else TORCH_CHECK(false, "head_dim must be 64 or 128");
-  } else if (qkv.scalar_type() == at::kBFloat16) {
-    if (D == 64) rope_store<c10::BFloat16, 64>(qkv, cos, sin, kv, slots, q, H, Hkv);
-    else if (D == 128) rope_store<c10::BFloat16, 128>(qkv, cos, sin, kv, slots, q, H, Hkv);
-    else TORCH_CHECK(false, "head_dim must be 64 or 128");
-  } else {
-    TORCH_CHECK(false, "dtype must be float32 or bfloat16");
-  }
-  return paged_decode(q, kv, tables, lens, scale, /*tiles=*/true).view({T_, H * D});
+  TORCH_CHECK(tables.size(0) == qkv.size(0) && lens.numel() == qkv.size(0),
+              "decode only: one new token per sequence");
+  const at::Tensor q = splitserve_rope::rope_store(qkv, cos, sin, kv, slots, num_heads);
+  return paged_decode(q, kv, tables, lens, scale, /*tiles=*/true).view({q.size(0), num_heads * q.size(2)});
 }
 
 }  // namespace

@@ -2,6 +2,7 @@
 
   attention/cpu_decode.cpp  paged_decode: decode attention read straight from the KV pages (float32, bfloat16);
                             rope_store_decode: rotary + KV-cache store + paged_decode in one call
+  attention/cpu_rope.cpp    rope_store: the rotary embedding and KV-cache store of any step's new tokens
   attention/cpu_decode_amx.cpp  paged_decode's bfloat16 path on AMX tiles, where the CPU has them
   attention/cpu_vec.h       AVX-512 helpers both attention files share (exp, bfloat16 rounding)
   models/cpu_layers.cpp     rms_norm, add_rms_norm, silu_mul: fused bfloat16 elementwise layers;
@@ -29,7 +30,8 @@ from splitserve.settings import settings
 log = logging.getLogger(__name__)
 _ENGINE = Path(__file__).resolve().parent.parent
 SOURCES = (_ENGINE / "attention" / "cpu_decode.cpp", _ENGINE / "attention" / "cpu_decode_amx.cpp",
-           _ENGINE / "models" / "cpu_layers.cpp", _ENGINE / "models" / "cpu_layers_f32.cpp")
+           _ENGINE / "attention" / "cpu_rope.cpp", _ENGINE / "models" / "cpu_layers.cpp",
+           _ENGINE / "models" / "cpu_layers_f32.cpp")
 HEADERS = (_ENGINE / "attention" / "cpu_vec.h",)      # part of the cache key, not compiled on their own
 # -ffp-contract=off: no implicit fused multiply-adds, so the float32 rotary rounds exactly as ATen's (and HF's)
 # separate multiplies and add; where the kernels want an FMA they ask for it with an intrinsic
@@ -53,7 +55,7 @@ def paged_decode_op():
 
 
 def _build():
-    if hasattr(torch.ops.splitserve_cpu, "rope_store_decode"):
+    if hasattr(torch.ops.splitserve_cpu, "rope_store"):
         return torch.ops.splitserve_cpu
     try:
         key = b"".join(p.read_bytes() for p in SOURCES + HEADERS) + torch.__version__.encode() \
@@ -62,7 +64,7 @@ def _build():
         library = Path(settings.cache_dir) / "kernels" / f"{name}.so"
         if not library.exists():
             _compile(name, library)             # builds and loads it
-        if not hasattr(torch.ops.splitserve_cpu, "rope_store_decode"):
+        if not hasattr(torch.ops.splitserve_cpu, "rope_store"):
             torch.ops.load_library(str(library))
     except Exception as e:  # noqa: BLE001 - a failed build means "use the torch paths", never a crash
         log.warning("could not build the native CPU kernels (%s); using the torch paths", e)

@@ -48,7 +48,7 @@ class RMSNorm(nn.Module):
 
     def kernels(self) -> tuple[Callable, Callable]:
         """(forward, add_and_norm) for contiguous activations of the weight's dtype, bound once: the same ops
-        without the module call and the per-call dtype checks (`DecodePlan`)."""
+        without the module call and the per-call dtype checks (`StepPlan`)."""
         w, eps = self.weight, self.eps
         if (ops := fused_bf16_ops(w)) is not None:
             norm, add_norm = ops.rms_norm.default, ops.add_rms_norm.default

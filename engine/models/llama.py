@@ -26,9 +26,9 @@ class ForwardContext:
     backend: AttentionBackend
     on_layer_done: Callable[[int], None] | None = None
 
-    def fused_decode(self, dtype: torch.dtype, num_heads: int, kv_layer: torch.Tensor) -> Callable | None:
+    def fused_attention(self, dtype: torch.dtype, num_heads: int, kv_layer: torch.Tensor) -> Callable | None:
         """The backend's rotary + KV store + attention op for this step, or None (see AttentionBackend)."""
-        get = self.backend.rope_store_decode_op
+        get = self.backend.rope_store_attention_op
         return None if get is None else get(dtype, num_heads, kv_layer, self.meta)
 
 
@@ -45,7 +45,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
                 kv_layer: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         qkv = self.qkv_proj(x)
-        if (fused := ctx.fused_decode(qkv.dtype, self.num_heads, kv_layer)) is not None:   # one call on CPU
+        if (fused := ctx.fused_attention(qkv.dtype, self.num_heads, kv_layer)) is not None:   # one call on CPU
             cos, signed_sin = rotary.tables(positions, qkv.dtype)
             meta = ctx.meta
             return self.o_proj(fused(qkv, cos, signed_sin, kv_layer, meta.slot_mapping, meta.block_tables,
@@ -100,9 +100,9 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         # which KV-cache layer each module in self.layers writes; layer-parallel pairs rewrite this
         self.kv_layer_ids: list = list(range(cfg.num_hidden_layers))
-        # decode steps without the module dispatch (models/decode_plan.py); the model runner sets it once the
+        # CPU steps without the module dispatch (models/step_plan.py); the model runner sets it once the
         # model is final (transformed, packed): it binds the weights as they are then (a deepcopy has none)
-        self.decode_plan = None
+        self.step_plan = None
         self._kv_views = _ViewCache()          # per-layer views of the last forward's KV cache
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -113,7 +113,7 @@ class LlamaForCausalLM(nn.Module):
         """Returns final hidden states [T, hidden]; `compute_logits` turns the rows you need into logits."""
         x = self.embed_tokens(input_ids)
         kv_layers = self._kv_layers(ctx.kv_cache)
-        if self.decode_plan is not None and (y := self.decode_plan.run(self.layers, x, positions, self.rotary,
+        if self.step_plan is not None and (y := self.step_plan.run(self.layers, x, positions, self.rotary,
                                                                        kv_layers, self.kv_layer_ids, ctx)) is not None:
             return y                    # the plan ends with the final norm
         for layer, kv_id, kv_layer in zip(self.layers, self.kv_layer_ids, kv_layers):

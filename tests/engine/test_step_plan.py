@@ -1,4 +1,4 @@
-"""The decode plan (`models/decode_plan.py`) runs the same ops as the modules: same hidden states bit for bit,
+"""The step plan (`models/step_plan.py`) runs the same ops as the modules: same hidden states bit for bit,
 same KV cache, on a small random Llama in float32 and bfloat16 (packed linears where the runner packs them)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from splitserve.engine.attention.backend import get_attention_backend
 from splitserve.engine.attention.cpu_kernels import native_ops
 from splitserve.engine.attention.metadata import AttentionMetadata
 from splitserve.engine.model_config import ModelConfig
-from splitserve.engine.models.decode_plan import DecodePlan
+from splitserve.engine.models.step_plan import StepPlan
 from splitserve.engine.models.layers import can_pack_linears, pack_linears
 from splitserve.engine.models.llama import ForwardContext, LlamaForCausalLM
 
@@ -41,7 +41,7 @@ def _model(dtype: torch.dtype) -> LlamaForCausalLM:
 
 
 def _step(model: LlamaForCausalLM, kv: torch.Tensor, lens: list[int]) -> torch.Tensor:
-    """Prefill the contexts (module path), then one decode step; returns the decode step's hidden states."""
+    """Prefill the contexts, then one decode step; returns the decode step's hidden states."""
     backend = get_attention_backend("torch", "cpu")
     tables, start = [], 1
     for c in lens:
@@ -60,7 +60,7 @@ def _step(model: LlamaForCausalLM, kv: torch.Tensor, lens: list[int]) -> torch.T
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_plan_equals_the_modules(dtype):
     model = _model(dtype)
-    plan = DecodePlan.build(model)
+    plan = StepPlan.build(model)
     assert plan is not None
     lens = [3, 16, 40]
     shape = (CFG.num_hidden_layers, 2, 12, BLOCK, CFG.num_key_value_heads, CFG.head_dim)
@@ -69,16 +69,16 @@ def test_plan_equals_the_modules(dtype):
     plan.layers = [lambda *args, step=step: ran.append(1) or step(*args) for step in plan.layers]
     with torch.inference_mode():
         expected = _step(model, kv_modules, lens)
-        model.decode_plan = plan
+        model.step_plan = plan
         got = _step(model, kv_plan, lens)
-    assert len(ran) == CFG.num_hidden_layers          # the decode step ran the plan (the prefill, the modules)
+    assert len(ran) == 2 * CFG.num_hidden_layers      # the prefill and the decode step both ran the plan
     assert torch.equal(got, expected)
     assert torch.equal(kv_plan, kv_modules)
 
 
 def test_plan_reports_every_layer_done():
     model = _model(torch.float32)
-    model.decode_plan = DecodePlan.build(model)
+    model.step_plan = StepPlan.build(model)
     backend = get_attention_backend("torch", "cpu")
     kv = torch.zeros(CFG.num_hidden_layers, 2, 4, BLOCK, CFG.num_key_value_heads, CFG.head_dim)
     meta = AttentionMetadata.build([1], [1], [[1]], BLOCK)
@@ -92,7 +92,7 @@ def test_no_plan_for_layers_it_does_not_know():
     from splitserve.engine.layer_parallel import pair_layers
 
     model = pair_layers(_model(torch.float32), (0, 2))
-    assert DecodePlan.build(model) is None
+    assert StepPlan.build(model) is None
 
 
 def test_copies_and_rewritten_models_run_their_modules():
@@ -103,8 +103,8 @@ def test_copies_and_rewritten_models_run_their_modules():
     from splitserve.engine.layer_parallel import pair_layers
 
     model = _model(torch.float32)
-    model.decode_plan = DecodePlan.build(model)
-    assert copy.deepcopy(model).decode_plan is None
+    model.step_plan = StepPlan.build(model)
+    assert copy.deepcopy(model).step_plan is None
     paired = pair_layers(model, (0, 2))
     plain = pair_layers(_model(torch.float32), (0, 2))
     shape = (CFG.num_hidden_layers, 2, 12, BLOCK, CFG.num_key_value_heads, CFG.head_dim)

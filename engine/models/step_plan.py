@@ -1,21 +1,22 @@
-"""A decode step's layer loop bound once: the model's ops without the nn.Module dispatch around them.
+"""A CPU step's layer loop bound once: the model's ops without the nn.Module dispatch around them.
 
 A CPU decode step of a small model is dispatch-bound between its matmuls: through the modules each of a layer's
 ~8 ops costs a few microseconds more in Python (module calls, attribute lookups, per-call dtype and backend
-checks) than the op itself, ~3 ms of a 36 ms bfloat16 step at batch 8 for SmolLM2-135M. `DecodePlan` binds each
+checks) than the op itself, ~3 ms of a 36 ms bfloat16 step at batch 8 for SmolLM2-135M. `StepPlan` binds each
 layer's weights and kernels once (the modules' own `kernels`, `act_kernel`, `linear_kernel`) and runs the same
 ops, with the same roundings, in a plain loop:
 
-    h = add_and_norm(x, d);  o = rope_store_decode(qkv(h), ...)
+    h = add_and_norm(x, d);  o = rope_store_attention(qkv(h), ...)
     h = add_and_norm(x, o_proj(o));  d = down(act(gate_up(h)))
 
 Each layer's MLP output `d` is added to the residual stream by the next norm's fused add + norm (the first layer
 only normalizes; the model's final norm adds the last one): one pass over x per layer less than a separate add,
 with the same roundings.
 
-It runs the steps the backend's fused rotary + KV store + attention op takes (CPU decode with the native kernels)
-when every layer is a plain `DecoderLayer` of plain or packed linears (no tensor parallelism, no layer pairs);
-`LlamaForCausalLM.forward` runs the modules otherwise. The model runner builds it once the model is final.
+It runs the steps the backend's fused rotary + KV store + attention op takes (CPU with the native kernels: decode
+steps, and steps with prompt chunks, alone or beside decodes) when every layer is a plain `DecoderLayer` of plain
+or packed linears (no tensor parallelism, no layer pairs); `LlamaForCausalLM.forward` runs the modules otherwise.
+The model runner builds it once the model is final.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from .llama import Attention, DecoderLayer, ForwardContext, LlamaForCausalLM
 LayerStep = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor, Callable, tuple], torch.Tensor]
 
 
-class DecodePlan:
+class StepPlan:
     def __init__(self, source: nn.ModuleList, layers: list[LayerStep], num_heads: int,
                  final_add_and_norm: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
         self.source = source            # the model's layers when bound: a model whose layers were replaced since
@@ -45,7 +46,7 @@ class DecodePlan:
         return None
 
     @classmethod
-    def build(cls, model: LlamaForCausalLM) -> "DecodePlan | None":
+    def build(cls, model: LlamaForCausalLM) -> "StepPlan | None":
         """The plan of `model` as it is now (bind after every transform and after packing), or None if a layer
         is not a plain DecoderLayer."""
         like = model.embed_tokens.weight
@@ -57,11 +58,11 @@ class DecodePlan:
     def run(self, layers: nn.ModuleList, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
             kv_layers: Sequence[torch.Tensor], kv_ids: Sequence[int], ctx: ForwardContext) -> torch.Tensor | None:
         """All layers over the residual stream `x` (updated in place), then the model's final norm: returns the
-        normalized hidden states; None, having done nothing, if the backend has no fused decode op for this step
+        normalized hidden states; None, having done nothing, if the backend has no fused attention op for this step
         or `layers` are not the ones the plan was built from."""
         if layers is not self.source:
             return None
-        fused = ctx.fused_decode(x.dtype, self.num_heads, kv_layers[0])
+        fused = ctx.fused_attention(x.dtype, self.num_heads, kv_layers[0])
         if fused is None:
             return None
         cos, signed_sin = rotary.tables(positions, x.dtype)
@@ -77,7 +78,8 @@ class DecodePlan:
 
 
 def _bind_layer(layer: DecoderLayer, like: torch.Tensor) -> LayerStep | None:
-    """DecoderLayer.forward on a decode step, bound to `layer`'s weights; None if `layer` is anything else."""
+    """DecoderLayer.forward with the fused attention op, bound to `layer`'s weights; None if `layer` is anything
+    else."""
     if type(layer) is not DecoderLayer or type(layer.self_attn) is not Attention or type(layer.mlp) is not SwiGLU \
             or type(layer.input_layernorm) is not RMSNorm or type(layer.post_attention_layernorm) is not RMSNorm:
         return None
