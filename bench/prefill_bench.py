@@ -11,7 +11,15 @@ Each system runs in its own subprocess on `--threads` torch threads (default 1: 
 other processes on the machine); the figure is the best of `--reps` prompts, in milliseconds of CPU time of that
 process (`--clock wall` for wall-clock) and prompt tokens per second.
 
+With `--beside-decodes B --chunks C,...` the engine also computes each prompt in chunks of C tokens beside B
+running decodes (`max_prefill_tokens_with_decodes` = C: what a colocated worker, or a decode worker that takes a
+prompt itself, does). Per chunk size it reports the decode-only step, the step with a chunk (each decode's
+inter-token latency while the prompt is computed), and the prompt's cost there: its steps times their excess over
+a decode-only step. Its peer is the same prompt computed alone as one chunk (the engine figure above): a ratio
+above 1 means the chunks cost less riding along with the decodes than the prompt costs alone.
+
     splitserve bench prefill --tokens 128,512,2048 --dtypes float32,bfloat16 [--json]
+    splitserve bench prefill --tokens 512 --dtypes bfloat16 --beside-decodes 8 --chunks 16,64,256
 """
 
 from __future__ import annotations
@@ -79,17 +87,63 @@ def hf_worker(dtype: str, tokens: list[int], reps: int, clock: str) -> dict:
     return out
 
 
-WORKERS = {"engine": engine_worker, "hf": hf_worker}
+def beside_worker(dtype: str, tokens: list[int], reps: int, clock: str, batch: int, chunks: list[int]) -> dict:
+    """Per chunk size and prompt length: median decode-only step, median step with a chunk (seconds), steps."""
+    import statistics
+
+    from splitserve.bench.engine_bench import _prompts as decode_prompts
+    from splitserve.engine.config import EngineConfig
+    from splitserve.engine.llm_engine import LLMEngine
+    from splitserve.engine.sampling_params import SamplingParams
+
+    out: dict = {}
+    for chunk in chunks:
+        engine = LLMEngine(EngineConfig(dtype=dtype, max_num_batched_tokens=max(max(tokens), 1024),
+                                        max_num_seqs=batch + 1, max_prefill_tokens_with_decodes=chunk,
+                                        verbose=False))
+        vocab = engine.model_config.vocab_size
+        for i, ids in enumerate(decode_prompts(engine.tokenizer, batch)):    # decodes that outlast the prompts
+            engine.add_request(f"decode-{i}", ids, SamplingParams(max_tokens=engine.runner.max_model_len - len(ids),
+                                                                  ignore_eos=True))
+
+        def step() -> tuple[float, set[str]]:
+            start = _clock(clock)
+            outs = engine.step()
+            return _clock(clock) - start, {o.request_id for o in outs if o.finished}
+
+        for _ in range(3):
+            step()
+        for n in tokens:
+            alone, mixed, steps = [], [], 0
+            for i, ids in enumerate(_prompts(n, reps, vocab, seed=n)):
+                rid = f"prompt-{chunk}-{n}-{i}"
+                engine.add_request(rid, ids, SamplingParams(max_tokens=1, temperature=0.0))
+                times, finished = [], set()
+                while rid not in finished:
+                    took, finished = step()
+                    times.append(took)
+                alone += [step()[0] for _ in range(4)]
+                if i:                                     # the first prompt warms up the shapes
+                    mixed += times
+                    steps = len(times)
+            out[f"{chunk}:{n}"] = {"decode_s": statistics.median(alone), "mixed_s": statistics.median(mixed),
+                                   "steps": steps}
+    return out
 
 
-def _spawn(kind: str, dtype: str, args: argparse.Namespace) -> dict[int, float]:
+WORKERS = {"engine": engine_worker, "hf": hf_worker, "beside": beside_worker}
+
+
+def _spawn(kind: str, dtype: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--dtypes", dtype,
            "--tokens", ",".join(map(str, args.tokens)), "--reps", str(args.reps), "--threads", str(args.threads),
-           "--clock", args.clock]
+           "--clock", args.clock, "--beside-decodes", str(args.beside_decodes),
+           "--chunks", ",".join(map(str, args.chunks))]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"the {kind} prefill benchmark ({dtype}) failed with exit code {proc.returncode}")
-    return {int(k): v for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result if kind == "beside" else {int(k): v for k, v in result.items()}
 
 
 def table(rows: list[dict], clock: str) -> str:
@@ -103,6 +157,18 @@ def table(rows: list[dict], clock: str) -> str:
     return "\n".join(lines)
 
 
+def beside_table(rows: list[dict], clock: str, batch: int) -> str:
+    unit = "CPU ms" if clock == "cpu" else "ms"
+    lines = [f"| dtype | prompt tokens | chunk | step with {batch} decodes ({unit}) | step with a chunk too ({unit}) "
+             f"| steps | prompt's cost beside decodes ({unit}) | prompt alone ({unit}) | alone / beside |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['dtype']} | {r['tokens']} | {r['chunk']} | {r['decode_s'] * 1e3:.1f} "
+                     f"| {r['mixed_s'] * 1e3:.1f} | {r['steps']} | {r['beside_s'] * 1e3:.0f} "
+                     f"| {r['engine_s'] * 1e3:.0f} | {r['engine_s'] / r['beside_s']:.2f}x |")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="splitserve bench prefill", description=__doc__.splitlines()[0])
     ints = lambda s: [int(x) for x in s.split(",") if x.strip()]              # noqa: E731
@@ -111,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=3, help="prompts per point after a warm-up; the best is kept")
     p.add_argument("--threads", type=int, default=1, help="torch threads in each measured process")
     p.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
+    p.add_argument("--beside-decodes", type=int, default=0, metavar="B",
+                   help="also time each prompt in chunks beside B running decodes (engine only)")
+    p.add_argument("--chunks", type=ints, default=[16, 64, 256],
+                   help="with --beside-decodes: prompt tokens per step beside the decodes, e.g. 16,64,256")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     return p
@@ -123,19 +193,40 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--dtypes must be float32, bfloat16 or float16; got {','.join(bad)}")
     if args.reps <= 0 or args.threads <= 0:
         raise ValueError(f"--reps and --threads must be positive, got {args.reps} and {args.threads}")
+    if args.beside_decodes < 0 or not args.chunks or any(c <= 0 for c in args.chunks):
+        raise ValueError(f"--beside-decodes must be >= 0 and --chunks positive integers, got {args.beside_decodes} "
+                         f"and {args.chunks}")
     if args.worker:
         import torch
         torch.set_num_threads(args.threads)
-        print(json.dumps(WORKERS[args.worker](args.dtypes[0], args.tokens, args.reps, args.clock)))
+        extra = (args.beside_decodes, args.chunks) if args.worker == "beside" else ()
+        print(json.dumps(WORKERS[args.worker](args.dtypes[0], args.tokens, args.reps, args.clock, *extra)))
         return 0
-    rows = []
+    rows, beside = [], []
     for dtype in args.dtypes:
         print(f"[{dtype}] prefill of {','.join(map(str, args.tokens))} tokens: engine, HF transformers ...",
               file=sys.stderr, flush=True)
         eng, hf = _spawn("engine", dtype, args), _spawn("hf", dtype, args)
         rows += [{"dtype": dtype, "tokens": n, "engine_s": eng[n], "hf_s": hf[n]} for n in args.tokens]
-    print(json.dumps({"benchmark": "prefill", "clock": args.clock, "threads": args.threads, "rows": rows})
-          if args.json else table(rows, args.clock))
+        if args.beside_decodes:
+            print(f"[{dtype}] the same prompts in chunks of {','.join(map(str, args.chunks))} beside "
+                  f"{args.beside_decodes} decodes ...", file=sys.stderr, flush=True)
+            got = _spawn("beside", dtype, args)
+            for chunk in args.chunks:
+                for n in args.tokens:
+                    r = got[f"{chunk}:{n}"]
+                    beside.append({"dtype": dtype, "tokens": n, "chunk": chunk, **r, "engine_s": eng[n],
+                                   "beside_s": r["steps"] * (r["mixed_s"] - r["decode_s"])})
+    report = {"benchmark": "prefill", "clock": args.clock, "threads": args.threads, "rows": rows}
+    if args.beside_decodes:
+        report.update(beside_decodes=args.beside_decodes, beside=beside)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(table(rows, args.clock))
+        if beside:
+            print()
+            print(beside_table(beside, args.clock, args.beside_decodes))
     return 0
 
 
