@@ -97,10 +97,13 @@ def rope_store_attention_op(dtype: torch.dtype, num_heads: int, kv_layer: torch.
     return meta.per_step(f"prompt_step:{dtype}", lambda: _PromptStep(meta, ops))
 
 
-# a sequence with at most this many new tokens in a step attends through the native decode kernel, one row per
-# token; longer chunks by SDPA (bfloat16, beside 8 decodes: a 16-token chunk's step spent 7.7 ms in attention as
-# rows against 10.9 by SDPA; a 64-token chunk's 19.4 as rows against 13.1)
+# A chunk of at most ROW_TOKENS new tokens over at most ROW_PAIRS (query, context token) pairs attends through
+# the native decode kernel, one row per token; other chunks by SDPA, whose gather and call cost a fixed ~0.2 ms
+# per layer but less per pair. bfloat16, beside 8 decodes, contexts up to 512: a 16-token chunk's step spent 7.7
+# ms in attention as rows against 10.9 by SDPA; a 64-token chunk's 19.4 against 13.1. A 4096-token prompt in
+# 16-token chunks: median step 85.0 ms with every chunk as rows, 81.5 with the pair limit.
 ROW_TOKENS = 16
+ROW_PAIRS = 16384
 
 
 class _PromptStep:
@@ -123,8 +126,10 @@ class _PromptStep:
             starts.append(starts[-1] + qlen)
         # every token of a sequence with at most ROW_TOKENS new ones is a row of the native decode kernel: its own
         # query over the context up to itself (a decode is one such row)
-        seqs = [s for s, qlen in enumerate(meta.query_lens) if qlen <= ROW_TOKENS]
-        self.chunks = [(s, starts[s], qlen) for s, qlen in enumerate(meta.query_lens) if qlen > ROW_TOKENS]
+        as_rows = [qlen == 1 or (qlen <= ROW_TOKENS and qlen * clen <= ROW_PAIRS)
+                   for qlen, clen in zip(meta.query_lens, meta.context_lens)]
+        seqs = [s for s, rows in enumerate(as_rows) if rows]
+        self.chunks = [(s, starts[s], qlen) for s, qlen in enumerate(meta.query_lens) if not as_rows[s]]
         self.rows = self.tables = self.lens = None
         if seqs:
             tokens = [t for s in seqs for t in range(starts[s], starts[s + 1])]

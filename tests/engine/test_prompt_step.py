@@ -35,7 +35,7 @@ def _setup(dtype: torch.dtype, cached: list[int], new: list[int]):
     meta = AttentionMetadata.build(new, [c + n for c, n in zip(cached, new)], tables, BLOCK)
     qkv = torch.randn(sum(new), (H + 2 * HKV) * D, generator=g).to(dtype)
     positions = torch.cat([torch.arange(c, c + n) for c, n in zip(cached, new)])
-    rotary = RotaryEmbedding(D, 512, 10000.0)
+    rotary = RotaryEmbedding(D, 4096, 10000.0)
     rotary.build_tables()
     cos, signed_sin = rotary.tables(positions, dtype)
     return kv, meta, qkv, positions, rotary, cos, signed_sin
@@ -56,6 +56,7 @@ LAYOUTS = {
     "interleaved": ([20, 40, 33, 0, 5], [1, 9, 1, 17, 1]),
     "later-chunk-only": ([32], [16]),
     "short-fresh-prompts": ([0, 12, 0], [5, 1, torch_ref.ROW_TOKENS]),
+    "short-chunk-long-context": ([12, torch_ref.ROW_PAIRS // 8], [1, 8]),      # past ROW_PAIRS: by SDPA
 }
 
 
@@ -67,6 +68,9 @@ def test_prompt_step_matches_the_aten_path(dtype, layout):
     kv = kv_ref.clone()
     op = torch_ref.rope_store_attention_op(dtype, H, kv, meta)
     assert isinstance(op, torch_ref._PromptStep)
+    by_sdpa = [s for s, (c, n) in enumerate(zip(cached, new))
+               if n > 1 and (n > torch_ref.ROW_TOKENS or n * (c + n) > torch_ref.ROW_PAIRS)]
+    assert [s for s, *_ in op.chunks] == by_sdpa         # the rest attend as rows of the native decode kernel
     with torch.inference_mode():
         expected = _aten_path(kv_ref, meta, qkv, positions, rotary)
         got = op(qkv, cos, signed_sin, kv, meta.slot_mapping, meta.block_tables, meta.context_lens_t, H, SCALE)
