@@ -7,11 +7,13 @@ there + this prompt's tokens it has not cached (prefix overlap from the chained 
 
 Conditional disaggregation (`backlog_s`, off by default): when even that prefill worker has at least `backlog_s`
 of prompts queued ahead of this one (its queued tokens over its measured prefill rate), and the decode worker
-has no prompt of its own in progress, the decode worker prefills this one itself if it would be done sooner
-(this prompt's uncached tokens there, against the queue plus this prompt on the prefill worker, both at the prefill
-worker's rate). A saturated prefill pool then borrows decode capacity, one prompt per decode worker at a time,
-which bounds what it costs the decoding requests there. Every decision is returned with its reason, which the
-router counts in a metric.
+has no prompt of its own in progress, the decode worker prefills this one itself if it would be done sooner:
+this prompt's uncached tokens at the decode worker's own measured prefill rate, against the queue plus this
+prompt at the prefill worker's. A decode worker computes prompts beside its decodes, in chunks of at most
+`--max-prefill-tokens-with-decodes` tokens where that is set, so its rate can be several times lower; until one
+of its prompts has been timed, the prefill worker's rate stands in for it. A saturated prefill pool then borrows
+decode capacity, one prompt per decode worker at a time, which bounds what it costs the decoding requests there.
+Every decision is returned with its reason, which the router counts in a metric.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class Candidate:
     free_blocks: int = 0
     prefix_hashes: frozenset = frozenset()
     prefill_rate: float | None = None  # measured prompt tokens/s (router/admission.py LatencyModel); None: not yet
+                                       # (a decode worker's: of the prompts it computed itself)
 
 
 @dataclass(slots=True)
@@ -68,6 +71,7 @@ def place(token_ids: list[int], decode: list[Candidate], prefill: list[Candidate
     p = min(prefill, key=work)
     if backlog_s is not None and d.inflight_tokens == 0 and p.prefill_rate:
         queued_s = p.inflight_tokens / p.prefill_rate
-        if queued_s >= backlog_s and uncached < work(p)[0]:
+        local_s = uncached / (d.prefill_rate or p.prefill_rate)
+        if queued_s >= backlog_s and local_s < work(p)[0] / p.prefill_rate:
             return Placement(d.worker_id, None, "decode_local_backlog", d_cached)
     return Placement(d.worker_id, p.worker_id, "prefill_remote", overlap_tokens(hashes, p.prefix_hashes, block_size))

@@ -68,6 +68,16 @@ def test_backlog_offload_only_when_local_is_sooner():
     assert (c.prefill, c.reason) == ("p", "prefill_remote")
 
 
+def test_backlog_offload_weighs_the_decode_workers_own_prefill_rate():
+    """A decode worker computes a prompt beside its decodes (in short chunks under a prompt cap), far slower than
+    a prefill worker: it takes the prompt only if it would still be done sooner at its own measured rate."""
+    prefill = [Candidate("p", inflight_tokens=1000, prefill_rate=500.0)]        # 2 s queued + 1 s for this one
+    slow = Candidate("d", prefill_rate=100.0)                                   # 512 tokens: 5.1 s here
+    assert choose([slow], prefill, backlog_s=1.0).reason == "prefill_remote"
+    fast_enough = Candidate("d", prefill_rate=200.0)                            # 2.6 s here
+    assert choose([fast_enough], prefill, backlog_s=1.0).reason == "decode_local_backlog"
+
+
 def test_colocated_ignores_prefill_workers():
     c = place(PROMPT, [Candidate("w")], [], BS, SALT, 32, colocated=True, backlog_s=0.0)
     assert (c.decode, c.prefill, c.reason) == ("w", None, "colocated")
