@@ -108,13 +108,13 @@ ROW_PAIRS = 16384
 
 class _PromptStep:
     """A CPU step with prompt chunks, possibly beside decodes: the rotary embedding and KV store of every new token
-    in one native call (`rope_store`, cpu_rope.cpp); then the decodes and the tokens of short chunks (up to
-    ROW_TOKENS) attend in one call of the native decode kernel, as in a decode-only step, and each longer chunk
-    by SDPA.
+    in one native call (`rope_store`, cpu_rope.cpp); then the decodes and the tokens of short chunks (within
+    ROW_TOKENS and ROW_PAIRS) attend in one call of the native decode kernel, as in a decode-only step, and every
+    other chunk by SDPA.
 
     Before, such a step ran the decodes beside it through SDPA one sequence at a time, with the rotary and store
-    as separate ATen ops: a bfloat16 step of 8 decodes and a 16-token chunk took 65 ms against 30 ms for the 8
-    decodes alone. A decode now rounds the same whether or not a prompt shares its step.
+    as separate ATen ops: a bfloat16 step of 8 decodes and a 16-token chunk took 65-67 ms (now 45) against 31-34
+    ms for the 8 decodes alone. A decode now rounds the same whether or not a prompt shares its step.
     """
 
     __slots__ = ("meta", "rope_store", "decode", "rows", "tables", "lens", "chunks")
@@ -124,8 +124,8 @@ class _PromptStep:
         starts = [0]
         for qlen in meta.query_lens:
             starts.append(starts[-1] + qlen)
-        # every token of a sequence with at most ROW_TOKENS new ones is a row of the native decode kernel: its own
-        # query over the context up to itself (a decode is one such row)
+        # every token of a decode or of a short chunk is a row of the native decode kernel: its own query over the
+        # context up to itself
         as_rows = [qlen == 1 or (qlen <= ROW_TOKENS and qlen * clen <= ROW_PAIRS)
                    for qlen, clen in zip(meta.query_lens, meta.context_lens)]
         seqs = [s for s, rows in enumerate(as_rows) if rows]
