@@ -114,7 +114,7 @@ def beside_worker(dtype: str, tokens: list[int], reps: int, clock: str, batch: i
         for _ in range(3):
             step()
         for n in tokens:
-            alone, mixed, steps = [], [], 0
+            decode_only, mixed, steps = [], [], 0
             for i, ids in enumerate(_prompts(n, reps, vocab, seed=n)):
                 rid = f"prompt-{chunk}-{n}-{i}"
                 engine.add_request(rid, ids, SamplingParams(max_tokens=1, temperature=0.0))
@@ -122,12 +122,12 @@ def beside_worker(dtype: str, tokens: list[int], reps: int, clock: str, batch: i
                 while rid not in finished:
                     took, finished = step()
                     times.append(took)
-                alone += [step()[0] for _ in range(4)]
+                decode_only += [step()[0] for _ in range(4)]
                 if i:                                     # the first prompt warms up the shapes
                     mixed += times
                     steps = len(times)
-            out[f"{chunk}:{n}"] = {"decode_s": statistics.median(alone), "mixed_s": statistics.median(mixed),
-                                   "steps": steps}
+            out[f"{chunk}:{n}"] = {"decode_s": statistics.median(decode_only),
+                                   "mixed_s": statistics.median(mixed), "steps": steps}
     return out
 
 
