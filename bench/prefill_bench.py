@@ -146,27 +146,28 @@ def _spawn(kind: str, dtype: str, args: argparse.Namespace) -> dict:
     return result if kind == "beside" else {int(k): v for k, v in result.items()}
 
 
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
 def table(rows: list[dict], clock: str) -> str:
     unit = "CPU ms" if clock == "cpu" else "ms"
-    lines = [f"| dtype | prompt tokens | engine {unit} | HF {unit} | engine tok/s | HF tok/s | engine/HF speed |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['dtype']} | {r['tokens']} | {r['engine_s'] * 1e3:.0f} | {r['hf_s'] * 1e3:.0f} "
-                     f"| {r['tokens'] / r['engine_s']:.0f} | {r['tokens'] / r['hf_s']:.0f} "
-                     f"| {r['hf_s'] / r['engine_s']:.2f}x |")
-    return "\n".join(lines)
+    return _markdown(
+        ["dtype", "prompt tokens", f"engine {unit}", f"HF {unit}", "engine tok/s", "HF tok/s", "engine/HF speed"],
+        [[r["dtype"], str(r["tokens"]), f"{r['engine_s'] * 1e3:.0f}", f"{r['hf_s'] * 1e3:.0f}",
+          f"{r['tokens'] / r['engine_s']:.0f}", f"{r['tokens'] / r['hf_s']:.0f}", f"{r['hf_s'] / r['engine_s']:.2f}x"]
+         for r in rows])
 
 
 def beside_table(rows: list[dict], clock: str, batch: int) -> str:
     unit = "CPU ms" if clock == "cpu" else "ms"
-    lines = [f"| dtype | prompt tokens | chunk | step with {batch} decodes ({unit}) | step with a chunk too ({unit}) "
-             f"| steps | prompt's cost beside decodes ({unit}) | prompt alone ({unit}) | alone / beside |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['dtype']} | {r['tokens']} | {r['chunk']} | {r['decode_s'] * 1e3:.1f} "
-                     f"| {r['mixed_s'] * 1e3:.1f} | {r['steps']} | {r['beside_s'] * 1e3:.0f} "
-                     f"| {r['engine_s'] * 1e3:.0f} | {r['engine_s'] / r['beside_s']:.2f}x |")
-    return "\n".join(lines)
+    return _markdown(
+        ["dtype", "prompt tokens", "chunk", f"step with {batch} decodes ({unit})", f"step with a chunk too ({unit})",
+         "steps", f"prompt's cost beside decodes ({unit})", f"prompt alone ({unit})", "alone / beside"],
+        [[r["dtype"], str(r["tokens"]), str(r["chunk"]), f"{r['decode_s'] * 1e3:.1f}", f"{r['mixed_s'] * 1e3:.1f}",
+          str(r["steps"]), f"{r['beside_s'] * 1e3:.0f}", f"{r['engine_s'] * 1e3:.0f}",
+          f"{r['engine_s'] / r['beside_s']:.2f}x"] for r in rows])
 
 
 def build_parser() -> argparse.ArgumentParser:

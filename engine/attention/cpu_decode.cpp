@@ -43,7 +43,7 @@ void paged_decode_bf16(const uint16_t* q, uint16_t* out, const uint16_t* kv, int
 }  // namespace splitserve_amx
 
 namespace splitserve_rope {   // cpu_rope.cpp: rotary embedding of q and k, k and v stored; returns q [T, H, D]
-at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& kv,
+at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor kv,
                       const at::Tensor& slots, int64_t num_heads);
 }  // namespace splitserve_rope
 

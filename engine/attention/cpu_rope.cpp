@@ -106,7 +106,7 @@ void rope_store_rows(const at::Tensor& qkv, const at::Tensor& cos, const at::Ten
 
 namespace splitserve_rope {
 
-at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& kv,
+at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor kv,
                       const at::Tensor& slots, int64_t num_heads) {
   TORCH_CHECK(kv.dim() == 5 && kv.size(0) == 2 && kv.stride(4) == 1, "kv_layer must be [2, N, bs, Hkv, D]");
   const int64_t T_ = qkv.size(0), H = num_heads, Hkv = kv.size(3), D = kv.size(4);
@@ -136,16 +136,9 @@ at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Te
 
 }  // namespace splitserve_rope
 
-namespace {
-at::Tensor rope_store_op(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor kv,
-                         const at::Tensor& slots, int64_t num_heads) {
-  return splitserve_rope::rope_store(qkv, cos, sin, kv, slots, num_heads);
-}
-}  // namespace
-
 TORCH_LIBRARY_FRAGMENT(splitserve_cpu, m) {
   m.def("rope_store(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) kv_layer, Tensor slot_mapping, int num_heads) "
         "-> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(splitserve_cpu, CPU, m) { m.impl("rope_store", &rope_store_op); }
+TORCH_LIBRARY_IMPL(splitserve_cpu, CPU, m) { m.impl("rope_store", &splitserve_rope::rope_store); }
