@@ -46,6 +46,7 @@ class _Incoming:
     receiver: KVReceiver
     first_token: int | None = None
     waited: bool = False         # the pre-step wait for its KV was spent
+    cached_blocks: int = 0       # prefix-cache hits: blocks the transfer skips
 
 
 class DecodeWorker(StepLoop):
@@ -63,6 +64,7 @@ class DecodeWorker(StepLoop):
         self.outgoing: dict[str, KVSender] = {}     # live KV of migrated requests, until the peer confirms
         self.draining = False
         self.last_step_s = 0.0                       # how long the last engine step took (bounds the handover wait)
+        self.kv_arrivals: dict[str, tuple[int, float | None]] = {}   # admitted, not yet reported: (bytes, seconds)
 
     # ---- commands (run on the loop thread through `call`) --------------------------------------------
     def expect(self, req: WorkRequest, spec: TransferSpec, first_token: int | None = None) -> int:
@@ -79,7 +81,7 @@ class DecodeWorker(StepLoop):
         except BaseException:
             self.engine.block_manager.free(seq)
             raise
-        self.incoming[req.request_id] = _Incoming(req, seq, rx, first_token)
+        self.incoming[req.request_id] = _Incoming(req, seq, rx, first_token, cached_blocks=len(seq.block_table))
         self.attempts[req.request_id] = req.attempt
         return seq.num_cached_tokens
 
@@ -97,6 +99,7 @@ class DecodeWorker(StepLoop):
 
     def abort(self, request_id: str) -> bool:
         self.attempts.pop(request_id, None)
+        self.kv_arrivals.pop(request_id, None)
         self._drop_outgoing(request_id, "request aborted")   # a migration the router gave up (it recomputes)
         inc = self.incoming.pop(request_id, None)
         if inc is not None:
@@ -116,6 +119,7 @@ class DecodeWorker(StepLoop):
         if seq is None:
             return None
         self.attempts.pop(request_id, None)
+        self.kv_arrivals.pop(request_id, None)
         bm = self.engine.block_manager
         computed = seq.num_computed_tokens           # the last sampled token has no KV yet: it decodes next
         blocks = seq.block_table[:bm.blocks_needed(computed)]
@@ -166,13 +170,19 @@ class DecodeWorker(StepLoop):
             outputs = self.engine.step(around_execute=self.lock_released)   # expect() may run meanwhile
             self.last_step_s = time.monotonic() - started
         updates += [TokenUpdate(o.request_id, o.new_token_ids, o.finished, o.finish_reason,
-                                num_cached_tokens=o.num_cached_tokens, attempt=self.attempts.get(o.request_id, 0))
+                                num_cached_tokens=o.num_cached_tokens, attempt=self.attempts.get(o.request_id, 0),
+                                **self._kv_report(o.request_id))
                     for o in outputs]
         for o in outputs:
             if o.finished:
                 self.attempts.pop(o.request_id, None)
         self.emit(updates)
         return bool(outputs) or bool(self.incoming and updates)
+
+    def _kv_report(self, request_id: str) -> dict:
+        """The KV transfer of a request admitted since its last update, for the router's metrics."""
+        arrival = self.kv_arrivals.pop(request_id, None) if self.kv_arrivals else None
+        return {} if arrival is None else {"kv_bytes": arrival[0], "kv_seconds": arrival[1]}
 
     def _await_handover(self) -> None:
         """A stream stalled on its KV (first token known, pages in flight) would otherwise wait a whole step more:
@@ -204,6 +214,10 @@ class DecodeWorker(StepLoop):
                 del self.incoming[rid]
                 req, seq = inc.request, inc.seq
                 seq.block_table = list(inc.receiver.block_table)
+                layout = self.engine.runner.layout
+                page_bytes = layout.page_bytes * layout.total_kv_heads // layout.num_kv_heads   # every TP rank's heads
+                self.kv_arrivals[rid] = ((len(seq.block_table) - inc.cached_blocks) * layout.num_layers * page_bytes,
+                                         inc.receiver.transfer_seconds())
                 params = dataclasses.replace(req.params, seed=req.seed)
                 self.engine.add_prefilled(rid, req.token_ids, len(req.prompt_token_ids), params, req.seed, seq,
                                           inc.first_token)

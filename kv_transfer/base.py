@@ -101,6 +101,11 @@ class KVReceiver(ABC):
     @abstractmethod
     def abort(self, reason: str = "aborted by receiver") -> None: ...
 
+    def transfer_seconds(self) -> float | None:
+        """Once DONE or FAILED: seconds from the end of the handshake (pages may flow; with layer-wise streaming
+        that is while the prefill still computes) to the end; None before, or if the backend does not time it."""
+        return None
+
     @property
     @abstractmethod
     def error(self) -> str | None: ...

@@ -74,6 +74,9 @@ class FakeReceiver(_FakeEnd, KVReceiver):
         self._life.fail(reason)
         self._life.poll()
 
+    def transfer_seconds(self) -> float | None:
+        return self._life.transfer_seconds()
+
     @property
     def error(self) -> str | None:
         return self._life.error

@@ -28,7 +28,10 @@ class Lifecycle:
         self.lock = lock or threading.RLock()
         self._changed = threading.Condition(self.lock)   # notified on every status change
         self.timeout_s = timeout_s
-        self.deadline = time.monotonic() + timeout_s
+        self.created_at = time.monotonic()
+        self.deadline = self.created_at + timeout_s
+        self.transferring_at: float | None = None   # monotonic: the handshake finished
+        self.ended_at: float | None = None          # monotonic: DONE or FAILED
         self.status = TransferStatus.BOOTSTRAPPING
         self.error: str | None = None
         self._pool = pool
@@ -48,6 +51,7 @@ class Lifecycle:
         with self.lock:
             if not self.status.terminal:
                 self.status = status
+                self._stamp(status)
                 self._changed.notify_all()
 
     def fail(self, reason: str) -> bool:
@@ -56,10 +60,25 @@ class Lifecycle:
             if self.status.terminal:
                 return False
             self.status, self.error = TransferStatus.FAILED, f"{self.what}: {reason}"
+            self._stamp(self.status)
             self._changed.notify_all()
             if self._on_fail is not None:
                 self._on_fail(self.error)
             return True
+
+    def _stamp(self, status: TransferStatus) -> None:
+        now = time.monotonic()
+        if status is TransferStatus.TRANSFERRING or (status.terminal and self.transferring_at is None):
+            self.transferring_at = now
+        if status.terminal:
+            self.ended_at = now
+
+    def transfer_seconds(self) -> float | None:
+        """Once terminal: from the end of the handshake (pages may flow) to DONE / FAILED; None before."""
+        with self.lock:
+            if self.ended_at is None or self.transferring_at is None:
+                return None
+            return self.ended_at - self.transferring_at
 
     def wait(self, timeout_s: float) -> None:
         """Block until terminal, the deadline, or `timeout_s` (the owner then calls poll())."""

@@ -159,6 +159,9 @@ class LocalReceiver(KVReceiver):
         self.life.fail(reason)
         self.poll()
 
+    def transfer_seconds(self) -> float | None:
+        return self.life.transfer_seconds()
+
     @property
     def error(self) -> str | None:
         return self.life.error

@@ -20,6 +20,7 @@ from splitserve.proto.v1 import kv_transfer_pb2 as pb
 
 from . import pages
 from .base import KVReceiver
+from .control_plane import ring
 from .handshake import mismatch
 from .lifecycle import Lifecycle
 from .recv_link import RecvTarget, discard_target
@@ -110,6 +111,9 @@ class TorchDistReceiver(KVReceiver):
         self.life.fail(reason)
         self.poll()
 
+    def transfer_seconds(self) -> float | None:
+        return self.life.transfer_seconds()
+
     @property
     def error(self) -> str | None:
         return self.life.error
@@ -129,6 +133,7 @@ class TorchDistReceiver(KVReceiver):
             with self.life.lock:
                 p.published = True
             store.set(p.key("plan"), self._plan(p))
+            ring(store, self.spec.src.endpoint(p.pull.src_rank))
             p.watch = self.ctx.control.watch(p.key("claim"), functools.partial(self._on_claim, p), hot=True)
 
     def _on_claim(self, p: _PullIn, store, value: bytes) -> None:
@@ -159,6 +164,7 @@ class TorchDistReceiver(KVReceiver):
         if not p.acked:
             p.acked = True
             store.set(p.key("ack"), pb.KVTransferAck(ok=ok, error=error).SerializeToString())
+            ring(store, self.spec.src.endpoint(p.pull.src_rank))
 
     def _nack(self, p: _PullIn, store) -> None:
         self._ack(p, store, False, self.life.error or "receiver failed")

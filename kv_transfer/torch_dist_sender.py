@@ -18,15 +18,13 @@ from splitserve.proto.v1 import kv_transfer_pb2 as pb
 
 from . import pages, wire
 from .base import KVSender
+from .control_plane import ring
 from .handshake import mismatch
 from .lifecycle import Lifecycle
 from .links import AbortJob, PagesJob
 from .messages import TransferSpec, TransferStatus
 from .rank_context import RankContext, control_key
 from .reshard import HeadPull, pulls_from
-
-
-ACK_POLL_S = 0.01     # how often the ack key is checked while pages are still being sent
 
 
 class _PullOut:
@@ -165,6 +163,8 @@ class TorchDistSender(KVSender):
         result = store.compare_set(p.key("claim"), "", value)
         if result != value:
             store.delete_key(p.key("claim"))   # the receiver's cancel marker; we are its last reader
+        else:
+            ring(store, self.spec.dst.endpoint(p.pull.dst_rank))
         return result
 
     def _on_plan(self, p: _PullOut, store, value: bytes) -> None:
@@ -183,10 +183,9 @@ class TorchDistSender(KVSender):
         if result != reply.SerializeToString():
             self.life.fail(f"receiver rank {p.pull.dst_rank} cancelled: {pb.KVTransferReply.FromString(result).error}")
             return
-        # the ack is due only once the last pages were sent (then the watch turns hot); until then a slow poll
-        # still notices a receiver that gave up
+        # the receiver rings when it acks (or gives up); the watch is also heated once the last pages were sent
         p.ack_watch = self.ctx.control.watch(p.key("ack"), functools.partial(self._on_ack, p),
-                                             hot=not plan.block_indices, interval_s=ACK_POLL_S)
+                                             hot=not plan.block_indices)
         with self.life.lock:
             p.needed, p.accepted = list(plan.block_indices), True
             p.src_ids = [self._src[i] for i in p.needed]

@@ -49,7 +49,8 @@ class Metrics:
         self.kv_transfer_bytes = Counter("splitserve_kv_transfer_bytes", "KV-cache bytes sent between workers.",
                                          registry=r)
         self.kv_transfer_seconds = Histogram("splitserve_kv_transfer_seconds",
-                                             "Duration of one request's KV transfer in seconds.",
+                                             "One request's KV transfer, handshake to last page in place "
+                                             "(spans the streamed prefill).",
                                              buckets=_TRANSFER_BUCKETS, registry=r)
         self.placement_decisions = Counter("splitserve_placement_decisions", "Placement decisions, by reason.",
                                            ["reason"], registry=r)
@@ -99,9 +100,10 @@ class Metrics:
     def count_placement(self, reason: str) -> None:
         self.placement_decisions.labels(reason).inc()
 
-    def observe_kv_transfer(self, num_bytes: int, seconds: float) -> None:
+    def observe_kv_transfer(self, num_bytes: int, seconds: float | None) -> None:
         self.kv_transfer_bytes.inc(num_bytes)
-        self.kv_transfer_seconds.observe(max(0.0, seconds))
+        if seconds is not None:
+            self.kv_transfer_seconds.observe(max(0.0, seconds))
 
     def count_migration(self, n: int = 1) -> None:
         self.migrations.inc(n)

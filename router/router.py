@@ -469,6 +469,8 @@ class Router(WorkerHealth):
                     log.warning("%s on %s: %s", u.request_id, handle.worker_id, u.error)
                     req.task = asyncio.create_task(self._place(req))
                     continue
+                if u.kv_bytes:
+                    self.metrics.observe_kv_transfer(u.kv_bytes, u.kv_seconds)
                 previous = (req.last_token_at if req.prefill_on is None and len(req.work.committed_token_ids) > 1
                             else None)      # not the gap after a prefill (it includes the KV transfer)
                 self.commit(req, u.token_ids, u.finished, u.finish_reason, u.num_cached_tokens)

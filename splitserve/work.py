@@ -32,6 +32,8 @@ class TokenUpdate:
     error: str | None = None          # the worker could not continue this request (router re-places it)
     num_cached_tokens: int = 0
     attempt: int = 0                  # the placement this update belongs to: older ones are stale
+    kv_bytes: int = 0                 # first update after the request's KV arrived: bytes received (all TP ranks)
+    kv_seconds: float | None = None   # and the transfer's time, handshake to last page (KVReceiver.transfer_seconds)
 
 
 @dataclass(slots=True)

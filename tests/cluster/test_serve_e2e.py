@@ -85,6 +85,12 @@ def test_concurrent_outputs_equal_local_engine(server, expected_mix):
     assert (backlog > 0) == server.backlog_offload
     # the shared system prompt is served from the prefix cache after the first request
     assert metric_value(metrics, "splitserve_prefix_cache_hit_tokens_total") > 0
+    # every remote prefill moved KV: bytes and one timed transfer each (a prompt cached whole moves none)
+    remote = metric_value(metrics, "splitserve_placement_decisions_total", reason="prefill_remote")
+    moved = metric_value(metrics, "splitserve_kv_transfer_bytes_total")
+    block_bytes = 30 * 2 * 16 * 3 * 64 * 4         # SmolLM2's K+V of one 16-token block, every layer, float32
+    assert moved > 0 and moved % block_bytes == 0  # whole blocks: the uncached ones of each prompt
+    assert 0 < metric_value(metrics, "splitserve_kv_transfer_seconds_count") <= remote
 
 
 def test_bad_requests_get_4xx_and_do_not_disturb(server, engine_f32):

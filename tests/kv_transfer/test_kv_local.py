@@ -145,3 +145,20 @@ def test_pool_exhaustion_is_raised_and_allocates_nothing():
 def test_registry_builds_the_local_backend():
     b = create_backend(KVTransferConfig(backend="local", worker_id="x"), SimpleBlockPool(4))
     assert b.name == "local"
+
+
+def test_transfer_seconds_run_from_the_handshake_to_the_end():
+    hub = LocalHub()
+    p, d = Worker(hub, "p", 2), Worker(hub, "d", 2)
+    rx = d.backend.create_receiver(spec("timed", 9))
+    assert rx.transfer_seconds() is None                 # still bootstrapping: the sender is not there yet
+    time.sleep(0.05)                                     # waiting for the prefill to start is not transfer time
+    tx = p.backend.create_sender(spec("timed", 9), p.pool.allocate(3))
+    assert rx.poll() is TransferStatus.TRANSFERRING and rx.transfer_seconds() is None
+    time.sleep(0.02)
+    tx.all_layers_ready()
+    assert rx.poll() is TransferStatus.DONE
+    assert 0.015 <= rx.transfer_seconds() < 0.045
+    rx = d.backend.create_receiver(spec("gone", 9, timeout_s=0.03))
+    time.sleep(0.04)
+    assert rx.poll() is TransferStatus.FAILED and rx.transfer_seconds() == 0.0   # no handshake: nothing moved

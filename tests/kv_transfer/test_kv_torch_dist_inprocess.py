@@ -254,6 +254,39 @@ def test_control_plane_polls_slow_watches_rarely_until_heated(pair):
         plane.close()
 
 
+def test_control_plane_wakes_on_the_writers_ring_not_by_polling(pair):
+    """A watch fires within a store round trip or two of the writer's ring, however long its safety-net poll; a
+    key written without a ring waits for that poll. Closing stops both threads at once (the bell thread sleeps in
+    the store with no timeout)."""
+    from splitserve.kv_transfer.control_plane import ControlPlane, StoreAddress, bell_key, ring
+
+    store, _, _ = pair
+    plane = ControlPlane(StoreAddress("127.0.0.1", store.port, 5.0), 60.0, "bell-test/0")
+    fired: list[tuple[bytes, float]] = []
+    try:
+        plane.watch("cp/quiet", lambda _, v: fired.append((v, time.monotonic())), hot=True)
+        plane.watch("cp/rung", lambda _, v: fired.append((v, time.monotonic())), hot=True)
+        time.sleep(0.1)                              # both checked once at creation: nothing there yet
+        store.set("cp/quiet", b"q")                  # no ring: seen at the next safety-net check, in a minute
+        time.sleep(0.3)
+        assert fired == [] and plane.num_watches == 2
+        store.set("cp/rung", b"r")
+        rung_at = time.monotonic()
+        ring(store, "bell-test/0")
+        deadline = time.monotonic() + 5
+        while len(fired) < 2 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        # a ring checks every watch: the quiet key is picked up with it
+        assert sorted(v for v, _ in fired) == [b"q", b"r"] and plane.num_watches == 0
+        assert max(t for _, t in fired) - rung_at < 0.05
+        assert not store.check([bell_key("bell-test/0")])     # the bell thread took its ring
+    finally:
+        t0 = time.monotonic()
+        plane.close()
+    assert time.monotonic() - t0 < 1.0
+    assert not plane._thread.is_alive() and not plane._bell_thread.is_alive()
+
+
 def test_blocks_parked_by_a_write_in_flight_come_back_on_reclaim(pair):
     """A receiver that fails while a page is still landing in its blocks parks their release until the writer is
     done; the writer hands them over on its own thread, and an owner with no transfer left to poll gets them
