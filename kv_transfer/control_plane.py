@@ -5,15 +5,19 @@ store I/O of a rank happens on this thread: jobs submitted from any thread run h
 key to wait for) are checked here. A watch fires once: the key is read, deleted, and its callback runs on this
 thread with the store at hand.
 
-Watches are woken, not polled: whoever writes a key that a peer rank watches then rings that rank's bell
-(`ring`: it sets `kvx/bell/<worker>/<rank>`). Each plane has a bell thread of its own, blocked in the store's
-server-side `wait` on its bell key (no timeout, so no wake-ups while nothing happens); when it rings, the thread
-deletes the key and every watch is checked at once. So a plan, reply or ack is seen within a store round trip or
-two of being written, and an idle plane makes no store traffic. A ring that lands between the wake-up and the
-delete is not lost: its key was written before it, and the checks that follow the delete see that key. Each watch
-is also checked when created (`hot`), when `heat()`ed, and every `poll_interval_s` (or its own `interval_s`) as a
-safety net: a peer that wrote its key and died before ringing. A dead store turns into transfers missing their
-deadlines, never into a blocked worker thread.
+Watches are not polled one by one: whoever writes a key that a peer rank watches then rings that rank's bell
+(`ring`: it sets `kvx/bell/<worker>/<rank>`). While a rank has watches pending, its control thread checks only its
+own bell key, every BELL_POLL_S: one store round trip however many watches wait (a decode worker holds one per
+request placed on it until that request's prefill starts, seconds under load). When the bell rang it deletes it
+and checks every watch. A ring that lands between that check and the delete is not lost: its key was written
+before it, and the watch checks come after the delete. Each watch is also checked when created (`hot`), when
+`heat()`ed, and every `poll_interval_s` (or its own `interval_s`) as a safety net, for a peer that wrote its key
+and died before ringing. An idle rank (no watches) makes no store traffic. A dead store turns into transfers
+missing their deadlines, never into a blocked worker thread.
+
+(A bell thread blocked in the store's server-side `wait` would save the polls, but with it, pair-group formation
+connects to the store were seen to stall for the 3 s connect timeout in the in-process tests; not understood, so
+not used.)
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from torch.distributed import Store, TCPStore
 log = logging.getLogger(__name__)
 
 BELL_PREFIX = "kvx/bell/"
-BELL_RETRY_S = 0.05     # after a failed wait on the bell (store unreachable): try again this much later
+BELL_POLL_S = 0.005     # how often a rank with pending watches checks its bell
 
 Job = Callable[[Store], None]
 OnValue = Callable[[Store, bytes], None]
@@ -76,10 +80,7 @@ class ControlPlane:
             raise ConnectionError(f"kv_transfer: cannot reach the rendezvous store at {address.host}:{address.port}: {e}") from e
         self._poll_interval_s = poll_interval_s
         self.bell = bell_key(name)
-        try:
-            self._bell_store = address.connect()      # the bell thread's own connection: it blocks in wait()
-        except Exception as e:   # noqa: BLE001
-            raise ConnectionError(f"kv_transfer: cannot reach the rendezvous store at {address.host}:{address.port}: {e}") from e
+        self._bell_due = 0.0                           # monotonic: next check of the bell
         self._cv = threading.Condition()
         self._jobs: deque[Job] = deque()
         self._watches: dict[int, _Watch] = {}
@@ -87,9 +88,7 @@ class ControlPlane:
         self._closed = False
         self._last_error_log = 0.0
         self._thread = threading.Thread(target=self._run, name=f"kvx-control-{name}", daemon=True)
-        self._bell_thread = threading.Thread(target=self._listen, name=f"kvx-bell-{name}", daemon=True)
         self._thread.start()
-        self._bell_thread.start()
 
     def submit(self, job: Job) -> None:
         with self._cv:
@@ -128,24 +127,7 @@ class ControlPlane:
         with self._cv:
             self._closed = True
             self._cv.notify()
-        self._thread.join(timeout=5)            # on its way out it rings the bell, which ends the bell thread
-        self._bell_thread.join(timeout=2)
-
-    def _listen(self) -> None:
-        """Bell thread: sleep in the store until the bell rings, then have every watch checked."""
-        forever = timedelta(days=1)
-        while not self._closed:
-            try:
-                self._bell_store.wait([self.bell], forever)
-                self._bell_store.delete_key(self.bell)
-            except Exception:   # noqa: BLE001 - the store went away: the safety-net polls and deadlines remain
-                time.sleep(BELL_RETRY_S)
-                continue
-            with self._cv:
-                now = time.monotonic()
-                for w in self._watches.values():
-                    w.due = now
-                self._cv.notify()
+        self._thread.join(timeout=5)
 
     def _run(self) -> None:
         while True:
@@ -153,22 +135,36 @@ class ControlPlane:
                 while not self._closed and not self._jobs and not self._watches:
                     self._cv.wait()
                 if self._closed:
-                    self._safely(lambda store: store.set(self.bell, b"1"))   # wakes the bell thread to exit
                     return
                 jobs = list(self._jobs)
                 self._jobs.clear()
                 now = time.monotonic()
+                bell = bool(self._watches) and now >= self._bell_due
+                if bell:
+                    self._bell_due = now + BELL_POLL_S
+            for job in jobs:
+                self._safely(job)
+            if bell and self._safely(self._rang):
+                with self._cv:
+                    for w in self._watches.values():
+                        w.due = now
+            with self._cv:
                 due = [(i, w) for i, w in self._watches.items() if w.due <= now]
                 for _, w in due:
                     w.due = now + w.interval_s
-            for job in jobs:
-                self._safely(job)
             for watch_id, w in due:
                 self._safely(lambda store, i=watch_id, k=w.key, cb=w.on_value: self._check(store, i, k, cb))
             with self._cv:
                 if not self._closed and not self._jobs and self._watches:
-                    nxt = min(w.due for w in self._watches.values())
+                    nxt = min(self._bell_due, *(w.due for w in self._watches.values()))
                     self._cv.wait(timeout=max(0.0, nxt - time.monotonic()))
+
+    def _rang(self, store: Store) -> bool:
+        """True (and the bell reset) if someone rang since the last check."""
+        if not store.check([self.bell]):
+            return False
+        store.delete_key(self.bell)
+        return True
 
     def _check(self, store: Store, watch_id: int, key: str, on_value: OnValue) -> None:
         if not store.check([key]):
@@ -180,9 +176,9 @@ class ControlPlane:
         store.delete_key(key)
         on_value(store, value)
 
-    def _safely(self, job: Job) -> None:
+    def _safely(self, job: Callable[[Store], object]) -> object:
         try:
-            job(self._store)
+            return job(self._store)
         except Exception:   # noqa: BLE001 - one bad job must not stop the plane; deadlines catch the rest
             now = time.monotonic()
             if now - self._last_error_log > 1.0:
