@@ -28,8 +28,7 @@ class Lifecycle:
         self.lock = lock or threading.RLock()
         self._changed = threading.Condition(self.lock)   # notified on every status change
         self.timeout_s = timeout_s
-        self.created_at = time.monotonic()
-        self.deadline = self.created_at + timeout_s
+        self.deadline = time.monotonic() + timeout_s
         self.transferring_at: float | None = None   # monotonic: the handshake finished
         self.ended_at: float | None = None          # monotonic: DONE or FAILED
         self.status = TransferStatus.BOOTSTRAPPING
