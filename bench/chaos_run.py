@@ -684,7 +684,7 @@ def wait_idle(target: Target, timeout_s: float) -> dict:
     if isinstance(last, Exception):
         return check(False, f"GetLoad failed: {last}")
     held = [f"{w.worker_id}: {w.num_total_blocks - w.num_free_blocks} blocks held, {w.num_running} running, "
-            f"{w.num_waiting} waiting" for w in last.workers if w.state == "ready"]
+            f"{w.num_waiting} waiting, {w.num_migrating_out} migrating out" for w in last.workers if w.state == "ready"]
     return check(False, f"not idle after {timeout_s:.0f} s: " + "; ".join(held))
 
 

@@ -155,7 +155,8 @@ def to_model_info(m: pb.ModelInfo) -> ModelInfo:
 def to_load_info(m: pb.LoadInfo) -> LoadInfo:
     return LoadInfo(m.num_running, m.num_waiting, m.kv_cache_usage, m.num_free_blocks, m.num_total_blocks,
                     [WorkerLoad(w.worker_id, w.role, w.num_running, w.num_waiting, w.kv_cache_usage,
-                                w.num_free_blocks, w.num_total_blocks, w.state) for w in m.workers])
+                                w.num_free_blocks, w.num_total_blocks, w.state, w.num_migrating_out)
+                     for w in m.workers])
 
 
 def deadline_after(timeout: float | None) -> float | None:

@@ -54,6 +54,7 @@ class WorkerLoad:
     num_free_blocks: int
     num_total_blocks: int
     state: str
+    num_migrating_out: int = 0     # requests whose KV it still sends to another worker (their blocks stay held)
 
 
 @dataclass(frozen=True, slots=True)

@@ -156,7 +156,7 @@ class DecodeWorker(StepLoop):
         return WorkerLoad(self.worker_id, self.role, len(e.scheduler.running), len(e.scheduler.waiting) + len(self.incoming),
                           e.block_manager.num_free_blocks, e.block_manager.num_blocks,
                           prefix_hit_tokens=e.block_manager.prefix_hits, num_preemptions=e.scheduler.num_preemptions,
-                          draining=self.draining, healthy=self.alive)
+                          draining=self.draining, healthy=self.alive, num_migrating_out=len(self.outgoing))
 
     # ---- the loop -------------------------------------------------------------------------------------
     def tick(self) -> bool:

@@ -14,7 +14,7 @@ class KVTransferConfig:
     store_port: int = 0
     timeout_s: float = 30.0              # default deadline of one transfer, and the sender's lease
     connect_timeout_s: float = 10.0      # store connection and pair-group formation
-    poll_interval_s: float = 0.05        # safety-net check of a handshake key; peers ring the bell when they write one
+    poll_interval_s: float = 0.05        # safety-net check of a handshake key; peers ring a doorbell when they write one
     fake_failure_probability: float = 0.0  # fake backend: chance that a transfer ends FAILED
     fake_seed: int = 0
 

@@ -5,24 +5,32 @@ store I/O of a rank happens on this thread: jobs submitted from any thread run h
 key to wait for) are checked here. A watch fires once: the key is read, deleted, and its callback runs on this
 thread with the store at hand.
 
-Watches are not polled one by one: whoever writes a key that a peer rank watches then rings that rank's bell
-(`ring`: it sets `kvx/bell/<worker>/<rank>`). While a rank has watches pending, its control thread checks only its
-own bell key, every BELL_POLL_S: one store round trip however many watches wait (a decode worker holds one per
-request placed on it until that request's prefill starts, seconds under load). When the bell rang it deletes it
-and checks every watch. A ring that lands between that check and the delete is not lost: its key was written
-before it, and the watch checks come after the delete. Each watch is also checked when created (`hot`), when
-`heat()`ed, and every `poll_interval_s` (or its own `interval_s`) as a safety net, for a peer that wrote its key
-and died before ringing. An idle rank (no watches) makes no store traffic. A dead store turns into transfers
-missing their deadlines, never into a blocked worker thread.
+Watches are not polled: whoever writes a key that a peer rank watches then rings that rank's doorbell (`ring`),
+a UDP datagram carrying the key's name, sent to the address the peer published under `kvx/doorbell/<worker>/<rank>`.
+The control thread sleeps in `select` on its doorbell socket until a datagram comes or a watch is due, and a
+datagram makes only the watches on its key due. No store traffic while waiting, however many watches wait (a
+decode worker holds one per request placed on it until that request's prefill starts, seconds under load).
 
-(A bell thread blocked in the store's server-side `wait` would save the polls, but with it, pair-group formation
-connects to the store were seen to stall for the 3 s connect timeout in the in-process tests; not understood, so
-not used.)
+A doorbell is a hint, never the message: the datagram names a key, and the key is read from the store. A lost
+or forged datagram costs at most one extra store check. Each watch is also checked when created (`hot`), when
+`heat()`ed, and every `poll_interval_s` (or its own `interval_s`) as a safety net, for a datagram lost or a peer
+that wrote its key and died before ringing. A ring that arrives before its watch exists is remembered for
+UNCLAIMED_S. A dead store turns into transfers missing their deadlines, never into a blocked worker thread.
+
+          writer's control thread                       watcher's control thread
+    store.set(key, message) ──────────────────┐     select(doorbell, timeout=next safety check)
+    ring(endpoint, key) ── UDP "key" ─────────┼───> wakes: watches on "key" are due
+                                               └───> store.check/get/delete(key) -> on_value(store, message)
+
+(A bell key in the store, checked every 5 ms, came first; a thread blocked in the store's server-side `wait`
+came second but stalled pair-group connects in the in-process tests. The datagram needs neither.)
 """
 
 from __future__ import annotations
 
 import logging
+import select
+import socket
 import threading
 import time
 from collections import deque
@@ -34,21 +42,29 @@ from torch.distributed import Store, TCPStore
 
 log = logging.getLogger(__name__)
 
-BELL_PREFIX = "kvx/bell/"
-BELL_POLL_S = 0.005     # how often a rank with pending watches checks its bell
+DOORBELL_PREFIX = "kvx/doorbell/"
+PEER_TTL_S = 1.0          # how long a peer's published doorbell address is used before it is read again
+UNCLAIMED_S = 5.0         # how long a ring for a key nobody watches yet is remembered
+MAX_UNCLAIMED = 4096
+MAX_DATAGRAM = 2048       # keys are short; anything longer is not ours
+WAKE = b""                # a datagram a rank sends itself: jobs or watches changed
 
 Job = Callable[[Store], None]
 OnValue = Callable[[Store, bytes], None]
 
 
-def bell_key(endpoint: str) -> str:
-    """The key that wakes the control plane of `endpoint` (a worker rank, "<worker>/<rank>")."""
-    return BELL_PREFIX + endpoint
+def doorbell_key(endpoint: str) -> str:
+    """The store key under which `endpoint` (a worker rank, "<worker>/<rank>") publishes its doorbell."""
+    return DOORBELL_PREFIX + endpoint
 
 
-def ring(store: Store, endpoint: str) -> None:
-    """Wake `endpoint`'s control plane: call after writing a key one of its watches waits for."""
-    store.set(bell_key(endpoint), b"1")
+def _local_address(host: str, port: int) -> tuple[socket.AddressFamily, str]:
+    """The family and local IP this machine uses to reach the store: peers reach the router the same way, so
+    they can reach this address too."""
+    family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.connect(sockaddr)              # UDP connect sends nothing: it only picks the route
+        return family, probe.getsockname()[0]
 
 
 @dataclass(slots=True)
@@ -78,9 +94,16 @@ class ControlPlane:
             self._store = address.connect()
         except Exception as e:   # noqa: BLE001 - torch raises several types here
             raise ConnectionError(f"kv_transfer: cannot reach the rendezvous store at {address.host}:{address.port}: {e}") from e
+        family, ip = _local_address(address.host, address.port)
+        self._sock = socket.socket(family, socket.SOCK_DGRAM)
+        self._sock.bind((ip, 0))
+        self._sock.setblocking(False)
+        self._own = self._sock.getsockname()[:2]
+        self.doorbell = doorbell_key(name)
+        self._store.set(self.doorbell, f"{self._own[0]}:{self._own[1]}")
         self._poll_interval_s = poll_interval_s
-        self.bell = bell_key(name)
-        self._bell_due = 0.0                           # monotonic: next check of the bell
+        self._peers: dict[str, tuple[tuple[str, int] | None, float]] = {}   # endpoint -> (address, read at)
+        self._unclaimed: dict[str, float] = {}                               # key rung, nobody watching -> when
         self._cv = threading.Condition()
         self._jobs: deque[Job] = deque()
         self._watches: dict[int, _Watch] = {}
@@ -93,7 +116,7 @@ class ControlPlane:
     def submit(self, job: Job) -> None:
         with self._cv:
             self._jobs.append(job)
-            self._cv.notify()
+        self._wake()
 
     def watch(self, key: str, on_value: OnValue, hot: bool = False, interval_s: float | None = None) -> int:
         """Call `on_value` once `key` exists (woken by the writer's `ring`). `hot`: check it at once (the value
@@ -102,17 +125,20 @@ class ControlPlane:
             self._next_id += 1
             interval = interval_s or self._poll_interval_s
             now = time.monotonic()
+            hot = hot or self._unclaimed.pop(key, None) is not None
             self._watches[self._next_id] = _Watch(key, on_value, interval, now if hot else now + interval)
-            self._cv.notify()
-            return self._next_id
+            watch_id = self._next_id
+        self._wake()
+        return watch_id
 
     def heat(self, watch_id: int | None) -> None:
         """The watched value is due now: check at once (a ring may have come before the watch existed)."""
         with self._cv:
             w = self._watches.get(watch_id)
-            if w is not None:
-                w.due = time.monotonic()
-                self._cv.notify()
+            if w is None:
+                return
+            w.due = time.monotonic()
+        self._wake()
 
     def unwatch(self, watch_id: int | None) -> None:
         with self._cv:
@@ -123,31 +149,80 @@ class ControlPlane:
         with self._cv:
             return len(self._watches)
 
+    def ring(self, store: Store, endpoint: str, key: str) -> None:
+        """Control thread, after writing `key` that `endpoint`'s control plane watches: wake it. Best effort; its
+        safety-net check covers a ring that does not arrive."""
+        peer = self._peer(store, endpoint)
+        if peer is None:
+            return
+        try:
+            self._sock.sendto(key.encode(), peer)
+        except OSError as e:
+            log.debug("kv_transfer: ringing %s at %s failed: %s", endpoint, peer, e)
+
     def close(self) -> None:
         with self._cv:
             self._closed = True
-            self._cv.notify()
+        self._wake()
         self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self._sock.close()
+
+    # --- control thread -------------------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        try:
+            self._sock.sendto(WAKE, self._own)
+        except OSError:
+            pass                     # closed, or the buffer is full of wake-ups already
+
+    def _peer(self, store: Store, endpoint: str) -> tuple[str, int] | None:
+        now = time.monotonic()
+        cached = self._peers.get(endpoint)
+        if cached is not None and now - cached[1] < PEER_TTL_S:
+            return cached[0]
+        key, peer = doorbell_key(endpoint), None
+        if store.check([key]):
+            host, _, port = store.get(key).decode().rpartition(":")
+            peer = (host, int(port))
+        self._peers[endpoint] = (peer, now)
+        return peer
+
+    def _rung(self) -> set[str]:
+        """The keys named by the datagrams that came since the last call."""
+        keys: set[str] = set()
+        while True:
+            try:
+                data = self._sock.recv(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                return keys
+            except ConnectionRefusedError:
+                continue                   # an ICMP error from an earlier ring; the next datagram may be there
+            except OSError:
+                return keys
+            if data:
+                try:
+                    keys.add(data.decode())
+                except UnicodeDecodeError:
+                    pass
 
     def _run(self) -> None:
         while True:
+            rung = self._rung()
             with self._cv:
-                while not self._closed and not self._jobs and not self._watches:
-                    self._cv.wait()
                 if self._closed:
                     return
                 jobs = list(self._jobs)
                 self._jobs.clear()
                 now = time.monotonic()
-                bell = bool(self._watches) and now >= self._bell_due
-                if bell:
-                    self._bell_due = now + BELL_POLL_S
+                claimed = set()
+                for w in self._watches.values():
+                    if w.key in rung:
+                        w.due = now
+                        claimed.add(w.key)
+                self._remember_unclaimed(rung - claimed, now)
             for job in jobs:
                 self._safely(job)
-            if bell and self._safely(self._rang):
-                with self._cv:
-                    for w in self._watches.values():
-                        w.due = now
             with self._cv:
                 due = [(i, w) for i, w in self._watches.items() if w.due <= now]
                 for _, w in due:
@@ -155,16 +230,26 @@ class ControlPlane:
             for watch_id, w in due:
                 self._safely(lambda store, i=watch_id, k=w.key, cb=w.on_value: self._check(store, i, k, cb))
             with self._cv:
-                if not self._closed and not self._jobs and self._watches:
-                    nxt = min(self._bell_due, *(w.due for w in self._watches.values()))
-                    self._cv.wait(timeout=max(0.0, nxt - time.monotonic()))
+                if self._closed:
+                    return
+                if self._jobs:
+                    continue
+                timeout = None
+                if self._watches:
+                    timeout = max(0.0, min(w.due for w in self._watches.values()) - time.monotonic())
+            try:
+                select.select([self._sock], [], [], timeout)
+            except (OSError, ValueError):
+                return                               # the socket was closed under us
 
-    def _rang(self, store: Store) -> bool:
-        """True (and the bell reset) if someone rang since the last check."""
-        if not store.check([self.bell]):
-            return False
-        store.delete_key(self.bell)
-        return True
+    def _remember_unclaimed(self, keys: set[str], now: float) -> None:
+        """Under the lock: rings that found no watch, for a watch created right after (its key may be written)."""
+        if self._unclaimed:
+            for k in [k for k, t in self._unclaimed.items() if now - t > UNCLAIMED_S]:
+                del self._unclaimed[k]
+        for k in keys:
+            if len(self._unclaimed) < MAX_UNCLAIMED:
+                self._unclaimed[k] = now
 
     def _check(self, store: Store, watch_id: int, key: str, on_value: OnValue) -> None:
         if not store.check([key]):

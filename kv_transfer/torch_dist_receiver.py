@@ -20,7 +20,6 @@ from splitserve.proto.v1 import kv_transfer_pb2 as pb
 
 from . import pages
 from .base import KVReceiver
-from .control_plane import ring
 from .handshake import mismatch
 from .lifecycle import Lifecycle
 from .recv_link import RecvTarget, discard_target
@@ -133,7 +132,7 @@ class TorchDistReceiver(KVReceiver):
             with self.life.lock:
                 p.published = True
             store.set(p.key("plan"), self._plan(p))
-            ring(store, self.spec.src.endpoint(p.pull.src_rank))
+            self.ctx.control.ring(store, self.spec.src.endpoint(p.pull.src_rank), p.key("plan"))
             p.watch = self.ctx.control.watch(p.key("claim"), functools.partial(self._on_claim, p), hot=True)
 
     def _on_claim(self, p: _PullIn, store, value: bytes) -> None:
@@ -164,7 +163,7 @@ class TorchDistReceiver(KVReceiver):
         if not p.acked:
             p.acked = True
             store.set(p.key("ack"), pb.KVTransferAck(ok=ok, error=error).SerializeToString())
-            ring(store, self.spec.src.endpoint(p.pull.src_rank))
+            self.ctx.control.ring(store, self.spec.src.endpoint(p.pull.src_rank), p.key("ack"))
 
     def _nack(self, p: _PullIn, store) -> None:
         self._ack(p, store, False, self.life.error or "receiver failed")

@@ -18,7 +18,6 @@ from splitserve.proto.v1 import kv_transfer_pb2 as pb
 
 from . import pages, wire
 from .base import KVSender
-from .control_plane import ring
 from .handshake import mismatch
 from .lifecycle import Lifecycle
 from .links import AbortJob, PagesJob
@@ -164,7 +163,7 @@ class TorchDistSender(KVSender):
         if result != value:
             store.delete_key(p.key("claim"))   # the receiver's cancel marker; we are its last reader
         else:
-            ring(store, self.spec.dst.endpoint(p.pull.dst_rank))
+            self.ctx.control.ring(store, self.spec.dst.endpoint(p.pull.dst_rank), p.key("claim"))
         return result
 
     def _on_plan(self, p: _PullOut, store, value: bytes) -> None:

@@ -152,7 +152,8 @@ def _worker(w: dict) -> pb.WorkerLoad:
                          num_running=int(w.get("num_running", 0)), num_waiting=int(w.get("num_waiting", 0)),
                          kv_cache_usage=float(w.get("kv_cache_usage", 0.0)),
                          num_free_blocks=int(w.get("num_free_blocks", 0)),
-                         num_total_blocks=int(w.get("num_total_blocks", 0)), state=str(w.get("state", "")))
+                         num_total_blocks=int(w.get("num_total_blocks", 0)), state=str(w.get("state", "")),
+                         num_migrating_out=int(w.get("num_migrating_out", 0)))
 
 
 def add_generation_service(server: grpc.aio.Server, service: GenerationService) -> None:

@@ -213,6 +213,7 @@ class Router(WorkerHealth):
                         workers=[{"worker_id": l.worker_id, "role": l.role, "num_running": l.num_running,
                                   "num_waiting": l.num_waiting, "num_free_blocks": l.num_free_blocks,
                                   "num_total_blocks": l.num_total_blocks, "draining": l.draining,
+                                  "num_migrating_out": l.num_migrating_out,
                                   "state": "ready" if l.healthy else "dead"} for l in loads])
 
     # ---- drain and migration (router/migration.py) ----------------------------------------------------

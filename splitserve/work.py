@@ -50,6 +50,7 @@ class WorkerLoad:
     num_preemptions: int = 0
     draining: bool = False
     healthy: bool = True
+    num_migrating_out: int = 0        # migrated requests whose KV is still being sent (their blocks stay pinned)
 
 
 @dataclass(slots=True)

@@ -171,7 +171,7 @@ class GetLoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("worker_id", "role", "num_running", "num_waiting", "kv_cache_usage", "num_free_blocks", "num_total_blocks", "state")
+    __slots__ = ("worker_id", "role", "num_running", "num_waiting", "kv_cache_usage", "num_free_blocks", "num_total_blocks", "state", "num_migrating_out")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +180,7 @@ class WorkerLoad(_message.Message):
     NUM_FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_TOTAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    NUM_MIGRATING_OUT_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     num_running: int
@@ -188,7 +189,8 @@ class WorkerLoad(_message.Message):
     num_free_blocks: int
     num_total_blocks: int
     state: str
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
+    num_migrating_out: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., state: _Optional[str] = ..., num_migrating_out: _Optional[int] = ...) -> None: ...
 
 class LoadInfo(_message.Message):
     __slots__ = ("num_running", "num_waiting", "kv_cache_usage", "num_free_blocks", "num_total_blocks", "workers")

@@ -255,33 +255,48 @@ def test_control_plane_polls_slow_watches_rarely_until_heated(pair):
 
 
 def test_control_plane_checks_its_watches_when_the_writer_rings(pair):
-    """A watch fires within a bell check (BELL_POLL_S) of the writer's ring, however long its own safety-net
-    poll; a key written without a ring waits for that poll. One bell check stands for every pending watch."""
-    from splitserve.kv_transfer.control_plane import ControlPlane, StoreAddress, bell_key, ring
+    """A watch fires within milliseconds of the writer's ring (a datagram naming its key), however long its
+    own safety-net poll; a key written without a ring waits for that poll, and a ring checks only the watches on
+    its key. A ring that comes before its watch exists is not lost."""
+    from splitserve.kv_transfer.control_plane import ControlPlane, StoreAddress, doorbell_key
 
     store, _, _ = pair
-    plane = ControlPlane(StoreAddress("127.0.0.1", store.port, 5.0), 60.0, "bell-test/0")
+    address = StoreAddress("127.0.0.1", store.port, 5.0)
+    plane = ControlPlane(address, 60.0, "bell-test/0")
+    writer = ControlPlane(address, 60.0, "bell-writer/0")
     fired: list[tuple[bytes, float]] = []
+
+    def ring(key: str, value: bytes) -> None:      # as a peer does it: on its own control thread, with its store
+        writer.submit(lambda st: (st.set(key, value), writer.ring(st, "bell-test/0", key)))
+
     try:
+        assert store.check([doorbell_key("bell-test/0")])          # published for peers to find
         plane.watch("cp/quiet", lambda _, v: fired.append((v, time.monotonic())), hot=True)
         plane.watch("cp/rung", lambda _, v: fired.append((v, time.monotonic())), hot=True)
         time.sleep(0.1)                              # both checked once at creation: nothing there yet
         store.set("cp/quiet", b"q")                  # no ring: seen at the next safety-net check, in a minute
         time.sleep(0.3)
         assert fired == [] and plane.num_watches == 2
-        store.set("cp/rung", b"r")
         rung_at = time.monotonic()
-        ring(store, "bell-test/0")
+        ring("cp/rung", b"r")
+        deadline = time.monotonic() + 5
+        while not fired and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert [v for v, _ in fired] == [b"r"] and fired[0][1] - rung_at < 0.05
+        time.sleep(0.1)
+        assert plane.num_watches == 1 and store.check(["cp/quiet"])    # the ring named one key only
+
+        ring("cp/early", b"e")                       # rung before anyone watches it
+        time.sleep(0.1)
+        plane.watch("cp/early", lambda _, v: fired.append((v, time.monotonic())))   # not hot, 60 s poll
         deadline = time.monotonic() + 5
         while len(fired) < 2 and time.monotonic() < deadline:
             time.sleep(0.001)
-        # a ring checks every watch: the quiet key is picked up with it
-        assert sorted(v for v, _ in fired) == [b"q", b"r"] and plane.num_watches == 0
-        assert max(t for _, t in fired) - rung_at < 0.05
-        assert not store.check([bell_key("bell-test/0")])     # the bell thread took its ring
+        assert [v for v, _ in fired] == [b"r", b"e"]
     finally:
         t0 = time.monotonic()
         plane.close()
+        writer.close()
     assert time.monotonic() - t0 < 1.0 and not plane._thread.is_alive()
 
 
