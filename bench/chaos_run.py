@@ -44,6 +44,7 @@ from splitserve.client import Client, SplitServeError
 from splitserve.client._common import StreamState, build_request, deadline_after
 from splitserve.client.sync_client import ChunkStream
 from splitserve.cmd_chaos import DEFAULT_LAUNCH, MODES, REFERENCES, VICTIMS
+from splitserve.ports import free_port
 
 
 
@@ -174,12 +175,6 @@ class Target:
 
     def ray_gcs(self) -> tuple[str, dict] | None:
         return (self.ray_address, {}) if self.ray_address else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LaunchedServer(Target):

@@ -28,7 +28,6 @@ import math
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import httpx
+
+from splitserve.ports import free_port
 
 from .serve_load import Progress, WorkloadConfig, WordTokens, default_tokenizer_dir, make_dataset, run_load
 from .serve_report import (attainment_at, capacity_table, format_run, goodput_at, markdown_table, plot, slo_grid_table,
@@ -54,12 +55,6 @@ class LaunchSpec:
         if not sep or not label.strip() or label.lstrip().startswith("-") or " " in label.strip():
             label, rest = text.strip() or "default", text
         return cls(label=label.strip(), args=shlex.split(rest))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerProcess:

@@ -8,8 +8,9 @@ thread with the store at hand.
 Watches are not polled: whoever writes a key that a peer rank watches then rings that rank's doorbell (`ring`),
 a UDP datagram carrying the key's name, sent to the address the peer published under `kvx/doorbell/<worker>/<rank>`.
 The control thread sleeps in `select` on its doorbell socket until a datagram comes or a watch is due, and a
-datagram makes only the watches on its key due. No store traffic while waiting, however many watches wait (a
-decode worker holds one per request placed on it until that request's prefill starts, seconds under load).
+datagram makes only the watches on its key due. While waiting, the only store traffic is each watch's
+safety-net check, however many watches wait (a decode worker holds one per request placed on it until that
+request's prefill starts, seconds under load).
 
 A doorbell is a hint, never the message: the datagram names a key, and the key is read from the store. A lost
 or forged datagram costs at most one extra store check. Each watch is also checked when created (`hot`), when
@@ -17,10 +18,10 @@ or forged datagram costs at most one extra store check. Each watch is also check
 that wrote its key and died before ringing. A ring that arrives before its watch exists is remembered for
 UNCLAIMED_S. A dead store turns into transfers missing their deadlines, never into a blocked worker thread.
 
-          writer's control thread                       watcher's control thread
-    store.set(key, message) ──────────────────┐     select(doorbell, timeout=next safety check)
-    ring(endpoint, key) ── UDP "key" ─────────┼───> wakes: watches on "key" are due
-                                               └───> store.check/get/delete(key) -> on_value(store, message)
+    writer's control thread                          watcher's control thread, asleep in select()
+    store.set(key, message)
+    ring(endpoint, key)  ── UDP datagram "key" ──>   wakes; the watches on "key" are due:
+                                                     store.check/get/delete(key) -> on_value(store, message)
 
 (A bell key in the store, checked every 5 ms, came first; a thread blocked in the store's server-side `wait`
 came second but stalled pair-group connects in the in-process tests. The datagram needs neither.)

@@ -26,11 +26,12 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from splitserve.ports import free_port
 
 MARK = "SPLITSERVE_LOCAL_NODE"
 ROLE_RESOURCE = {"prefill": "splitserve_prefill", "decode": "splitserve_decode"}
@@ -39,12 +40,6 @@ ROLE_RESOURCE = {"prefill": "splitserve_prefill", "decode": "splitserve_decode"}
 NODE_IP = "127.0.0.2"
 # Unix socket paths are limited to 107 bytes and Ray nests several directories under the temp dir: keep it short.
 DEFAULT_DIR = "/tmp/splitserve-lc"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((NODE_IP, 0))
-        return s.getsockname()[1]
 
 
 def ray_cli() -> str:
@@ -70,8 +65,8 @@ def node_args(name: str, cluster_dir: Path, cpus: int, resources: dict, object_s
         f"--node-ip-address={NODE_IP}", f"--node-name={name}", f"--temp-dir={cluster_dir / name}",
         f"--num-cpus={cpus}", "--num-gpus=0", f"--resources={json.dumps(resources)}",
         f"--object-store-memory={object_store_mb * 1024 * 1024}",
-        f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-        f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port(NODE_IP)}", f"--dashboard-agent-grpc-port={free_port(NODE_IP)}",
+        f"--runtime-env-agent-port={free_port(NODE_IP)}", f"--metrics-export-port={free_port(NODE_IP)}",
         "--disable-usage-stats",
     ]
 
@@ -185,11 +180,11 @@ def start(a: argparse.Namespace) -> int:
     token = cluster_dir / "auth_token"
     token.write_text(secrets.token_hex(32))  # same form as `ray get-auth-token --generate`
     token.chmod(0o600)
-    port = a.port or free_port()
+    port = a.port or free_port(NODE_IP)
     address = f"{NODE_IP}:{port}"
     ray = ray_cli()
 
-    head = [ray, "start", "--head", f"--port={port}", f"--ray-client-server-port={free_port()}",
+    head = [ray, "start", "--head", f"--port={port}", f"--ray-client-server-port={free_port(NODE_IP)}",
             "--include-dashboard=false",
             *node_args("head", cluster_dir, a.head_cpus, {"splitserve_router": 1}, a.object_store_mb)]
     workers = [(f"{role}-{i}", role) for role, n in (("prefill", a.prefill), ("decode", a.decode)) for i in range(n)]

@@ -22,15 +22,10 @@ from splitserve.cluster.preemption_watch import start_router_watchers, watch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fake_metadata import AWS_ACTION, GCP_PREEMPTED, FakeMetadata, FakeRouter  # noqa: E402
+from splitserve.ports import free_port  # noqa: E402
 
 CLOUDS = ["aws", "gcp", "azure"]
 POLL_S = 0.05
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(predicate, timeout: float = 10.0) -> None:

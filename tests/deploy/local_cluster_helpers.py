@@ -7,7 +7,6 @@ import os
 import runpy
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,8 @@ from types import SimpleNamespace
 import httpx
 
 from deploy_helpers import REPO
+
+from splitserve.ports import free_port  # noqa: F401 - the tests import it from here
 
 LAUNCHER = REPO / "deploy" / "ray" / "local_cluster.py"
 MODEL = "SmolLM2-135M-Instruct.Q4_1"
@@ -47,12 +48,6 @@ def launcher_module() -> SimpleNamespace:
 
 def launch(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(LAUNCHER), *args], capture_output=True, text=True, timeout=timeout)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cluster_env(cluster_dir: Path) -> dict[str, str]:
