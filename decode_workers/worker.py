@@ -39,6 +39,10 @@ HANDOVER_WAIT_MIN_S = 0.05
 HANDOVER_WAIT_MAX_S = 0.25
 
 
+class StaleAttemptError(ValueError):
+    """A placement call that an earlier-numbered attempt of the same request made, arriving after a later one."""
+
+
 @dataclass(slots=True)
 class _Incoming:
     request: WorkRequest
@@ -74,6 +78,7 @@ class DecodeWorker(StepLoop):
         takes free or prefix-cached blocks only, which the batch being computed does not write."""
         tokens = req.token_ids
         self.engine.scheduler.check_fits(len(tokens) + 1, req.params.max_tokens - len(req.committed_token_ids))
+        self._supersede(req)
         seq = Sequence(req.request_id, tokens, req.params, num_prompt_tokens=len(req.prompt_token_ids))
         self.engine.block_manager.match_prefix(seq)
         try:
@@ -93,9 +98,24 @@ class DecodeWorker(StepLoop):
         return True
 
     def submit_local(self, req: WorkRequest) -> None:
+        self._supersede(req)
         self.attempts[req.request_id] = req.attempt
         self.engine.add_request(req.request_id, req.prompt_token_ids, dataclasses.replace(req.params, seed=req.seed),
                                 committed_token_ids=req.committed_token_ids)
+
+    def _supersede(self, req: WorkRequest) -> None:
+        """A placement of a request this worker still holds under an earlier attempt: the router re-placed it while
+        the earlier placement's call was still in flight (a worker died mid-placement), and both chose this worker.
+        The earlier one is dropped, so its blocks come back; an earlier attempt arriving after a later one is
+        refused."""
+        rid = req.request_id
+        held = self.attempts.get(rid)
+        if held is None and rid not in self.incoming:
+            return
+        if held is not None and held > req.attempt:
+            raise StaleAttemptError(f"{rid}: placement attempt {req.attempt} arrived after attempt {held}")
+        log.warning("%s: placement attempt %d replaces attempt %s held here", rid, req.attempt, held)
+        self.abort(rid)
 
     def abort(self, request_id: str) -> bool:
         self.attempts.pop(request_id, None)

@@ -180,42 +180,45 @@ class RecvLink(Link):
             if end is not None:
                 self._hand_over((key, end, header.error, None))
             return None
-        posted, counts = [], {}
-        for run in header.runs:
-            key = (run.request_id, run.attempt)
+        posted, counts, start = [], {}, 0
+        try:
+            for run in header.runs:
+                key = (run.request_id, run.attempt)
+                with self._cv:
+                    end = self._ends.get(key)
+                target = end.targets(run) if end is not None else discard_target(run, self.device)
+                posted.append((key, end, run, target, []))
+                posted[-1][4].append(self.group.recv([target.data], 0, 0))
+                counts[key] = counts.get(key, 0) + run.count
             with self._cv:
-                end = self._ends.get(key)
-            target = end.targets(run) if end is not None else discard_target(run, self.device)
-            posted.append((key, end, run, target, [self.group.recv([target.data], 0, 0)]))
-            counts[key] = counts.get(key, 0) + run.count
-        with self._cv:
-            # every open stream ends with its last page or an ABORT: pages left after this batch mean more comes
-            more = any(self._ends[k].pages_total - self._got.get(k, 0) - counts.get(k, 0) > 0 for k in self._open)
-            for key, n in counts.items():
-                self._got[key] = self._got.get(key, 0) + n
-                end = self._ends.get(key)
-                if end is not None and self._got[key] >= end.pages_total:
-                    self._open.discard(key)
-        ahead = self._post_header() if more else None
-        cts = [self.group.send([wire.cts_frame(self.device)], 0, wire.CTS_TAG)] if wire.uses_cts(self.device) else []
-        start = 0
-        for i, (_, _, _, target, _) in enumerate(posted):
-            if target.in_place and i < len(posted) - 1:
-                continue      # nothing to copy: its bookkeeping can wait for the next staged run or the last
-            group = posted[start:i + 1]
-            try:
+                # every open stream ends with its last page or an ABORT: pages left after this batch mean more comes
+                more = any(self._ends[k].pages_total - self._got.get(k, 0) - counts.get(k, 0) > 0 for k in self._open)
+                for key, n in counts.items():
+                    self._got[key] = self._got.get(key, 0) + n
+                    end = self._ends.get(key)
+                    if end is not None and self._got[key] >= end.pages_total:
+                        self._open.discard(key)
+            ahead = self._post_header() if more else None
+            cts = ([self.group.send([wire.cts_frame(self.device)], 0, wire.CTS_TAG)] if wire.uses_cts(self.device)
+                   else [])
+            for i, (_, _, _, target, _) in enumerate(posted):
+                if target.in_place and i < len(posted) - 1:
+                    continue      # nothing to copy: its bookkeeping can wait for the next staged run or the last
+                group = posted[start:i + 1]
                 wait_all([w for *_, works in group for w in works], deadline)
-            except Exception:
-                for _, e, _, t, _ in posted[start:]:
-                    if e is not None:
-                        e.on_lost(t)
-                raise
-            if self.stream is not None:
-                self.stream.synchronize()
-            for key, end, run, target, _ in group:
-                if end is not None:
-                    self._hand_over((key, end, run, target))
-            start = i + 1
+                if self.stream is not None:
+                    self.stream.synchronize()
+                for key, end, run, target, _ in group:
+                    if end is not None:
+                        self._hand_over((key, end, run, target))
+                start = i + 1
+        except Exception:
+            # every target handed out and not delivered ends here, whether its receive was posted, failed to post
+            # or never landed: a receiver counts in-place writes until then and holds its blocks while it does
+            for _, e, _, t, _ in posted[start:]:
+                if e is not None:
+                    e.on_lost(t)
+            raise
         wait_all(cts, deadline)        # long done: the sender answered it with the pages just received
         return ahead
 

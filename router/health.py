@@ -82,6 +82,8 @@ class WorkerHealth:
         moved = [r for r in self.requests.values() if not r.finished and handle.worker_id in (r.decode, r.prefill)]
         log.warning("worker %s lost; re-placing %d requests", handle.worker_id, len(moved))
         for req in moved:
+            if req.finished or handle.worker_id not in (req.decode, req.prefill):
+                continue                         # its placement task already moved it on (during an await above)
             self.metrics.count_recovery()
             if req.task is not None and not req.task.done():
                 if req.prefill == handle.worker_id:

@@ -110,3 +110,28 @@ def test_aborting_a_migrated_request_unpins_its_outgoing_kv_at_once(quiet_engine
         assert not d.outgoing and bm.num_free_blocks == bm.num_blocks
     finally:
         d.kv.close()
+
+
+def test_a_later_placement_of_the_same_request_frees_the_earlier_one(quiet_engine):
+    """A decode worker dies mid-placement: the placement task retries on another worker while the router's health
+    path re-places the same request, and both may land here. The chaos run caught the later `expect` overwriting
+    the earlier one, whose receiver's blocks were then never freed (a drained worker stayed at 5 blocks held).
+    The later attempt must replace the earlier one and give its blocks back; an earlier one arriving late is
+    refused and changes nothing."""
+    d = DecodeWorker("d-twice", None, KVTransferConfig(backend="local", worker_id="d-twice"), engine=quiet_engine)
+    bm = quiet_engine.block_manager
+    try:
+        d.expect(work("twice", committed=[5, 6, 7], attempt=1), spec("twice", "p-gone", "d-twice", 43, 1))
+        one = bm.num_free_blocks
+        assert one < bm.num_blocks
+        d.expect(work("twice", committed=[5, 6, 7], attempt=2), spec("twice", "p-gone", "d-twice", 43, 2))
+        assert bm.num_free_blocks == one and d.incoming["twice"].request.attempt == 2
+        with pytest.raises(decode_worker.StaleAttemptError, match="attempt 1 arrived after attempt 2"):
+            d.expect(work("twice", committed=[5, 6, 7], attempt=1), spec("twice", "p-gone", "d-twice", 43, 1))
+        assert bm.num_free_blocks == one and d.incoming["twice"].request.attempt == 2
+        d.submit_local(work("twice", committed=[5, 6, 7], attempt=3))     # the next placement prefills here
+        assert "twice" not in d.incoming and [s.request_id for s in quiet_engine.scheduler.waiting] == ["twice"]
+        assert d.abort("twice")
+        assert bm.num_free_blocks == bm.num_blocks
+    finally:
+        d.kv.close()

@@ -316,3 +316,40 @@ def test_blocks_parked_by_a_write_in_flight_come_back_on_reclaim(pair):
     assert d.pool.num_free < baseline       # handed to the owner's thread, which has not run yet
     d.backend.reclaim()
     assert d.pool.num_free == baseline
+
+
+class _FailingRecvs:
+    """A pair group whose `fail_at`-th recv (counting from 1) raises, as a peer dying mid-batch makes Gloo do."""
+
+    def __init__(self, group, fail_at: int) -> None:
+        self._group, self._left = group, fail_at
+
+    def recv(self, tensors, src, tag):
+        self._left -= 1
+        if self._left == 0:
+            raise RuntimeError("injected: connection reset by peer")
+        return self._group.recv(tensors, src, tag)
+
+    def __getattr__(self, name):
+        return getattr(self._group, name)
+
+
+def test_a_receive_that_fails_to_post_mid_batch_gives_the_blocks_back(pair):
+    """The link posts one receive per page run after handing the receiver its target; when a later post raises
+    (the peer died), every target already handed out must be accounted as lost. Before, the in-place write count
+    stayed up, the failed receiver parked its blocks for a writer that never came, and they never went back."""
+    _, p, d = pair
+    tx, rx, _ = move(p, d, "warm")                  # forms the pair link
+    assert settle(tx, rx) == [TransferStatus.DONE, TransferStatus.DONE]
+    d.pool.free(rx.block_table)                     # the owner's now; the sender gave its blocks back
+    baseline = d.pool.num_free
+    link = d.backend._ctx.links.recv_link("p/0", "d/0")
+    link.group = _FailingRecvs(link.group, fail_at=3)   # the header, the first run, then the second run's post
+    tx, rx, _ = move(p, d, "cut", tokens=10)
+    statuses = settle(tx, rx, limit=15)
+    assert statuses[1] is TransferStatus.FAILED and "injected" in (rx.error or "")
+    deadline = time.monotonic() + 5
+    while d.pool.num_free != baseline and time.monotonic() < deadline:
+        d.backend.reclaim()
+        time.sleep(0.01)
+    assert d.pool.num_free == baseline and rx._writing == 0
