@@ -187,8 +187,9 @@ class RecvLink(Link):
                 with self._cv:
                     end = self._ends.get(key)
                 target = end.targets(run) if end is not None else discard_target(run, self.device)
-                posted.append((key, end, run, target, []))
-                posted[-1][4].append(self.group.recv([target.data], 0, 0))
+                works: list = []             # listed before posting: a post that raises still loses its target
+                posted.append((key, end, run, target, works))
+                works.append(self.group.recv([target.data], 0, 0))
                 counts[key] = counts.get(key, 0) + run.count
             with self._cv:
                 # every open stream ends with its last page or an ABORT: pages left after this batch mean more comes
